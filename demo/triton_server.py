@@ -1,0 +1,204 @@
+"""A local CPU Triton (through nvidia-pytriton) serving the example models, for `make demo` and the tests.
+
+Each model reads a fault mode from `<fault-dir>/<model name>` on every request, so a demo or a test can make
+it misbehave at runtime without restarting Triton:
+
+    ok                 correct output (also when the file is missing or empty)
+    hang               block until the file says something else (at most 120 s)
+    slow:<seconds>     sleep, then answer correctly
+    fail               raise, so Triton answers the request with an error
+    wrong_value        correct shapes and types, different numbers
+    wrong_shape        an output with an extra dimension
+    missing_output     leave the first output out
+    noise:<amplitude>  add fresh random noise on every request (nondeterministic)
+    offset:<delta>     add a constant (deterministic drift)
+
+Run: python demo/triton_server.py --http-port 8000 --grpc-port 8001 --metrics-port 8002 --fault-dir DIR
+Start it in its own process session and stop it by signalling that group: pytriton starts helper processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+HANG_LIMIT_S = 120.0
+
+
+class Faults:
+    def __init__(self, directory: pathlib.Path) -> None:
+        self.directory = directory
+
+    def mode(self, model: str) -> str:
+        try:
+            return (self.directory / model).read_text().strip() or "ok"
+        except OSError:
+            return "ok"
+
+    def before(self, model: str) -> str:
+        """Apply the timing faults; return the mode for the output faults."""
+        mode = self.mode(model)
+        if mode == "hang":
+            deadline = time.monotonic() + HANG_LIMIT_S
+            while self.mode(model) == "hang" and time.monotonic() < deadline:
+                time.sleep(0.01)
+            mode = self.mode(model)
+        if mode.startswith("slow:"):
+            time.sleep(float(mode.split(":", 1)[1]))
+        if mode == "fail":
+            raise RuntimeError(f"fault injected into {model}: fail")
+        return mode
+
+
+def apply_output_fault(mode: str, outputs: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
+    if mode == "wrong_value":
+        return {k: (v + 1).astype(v.dtype) if v.dtype != np.object_ else v[::-1].copy() for k, v in outputs.items()}
+    if mode == "wrong_shape":
+        first = next(iter(outputs))
+        return {**outputs, first: outputs[first][np.newaxis, ...]}
+    if mode == "missing_output":
+        first = next(iter(outputs))
+        return {k: v for k, v in outputs.items() if k != first}
+    if mode.startswith("noise:"):
+        amp = float(mode.split(":", 1)[1])
+        return {
+            k: (v + rng.uniform(-amp, amp, v.shape)).astype(v.dtype) if v.dtype.kind == "f" else v
+            for k, v in outputs.items()
+        }
+    if mode.startswith("offset:"):
+        delta = float(mode.split(":", 1)[1])
+        return {k: (v + delta).astype(v.dtype) if v.dtype.kind == "f" else v for k, v in outputs.items()}
+    return outputs
+
+
+def classifier(weights: np.ndarray, probs_dtype: Any) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
+    """A tiny fixed linear classifier: IMAGE [1,3,8,8] -> PROBS [1,10] (softmax), LABEL [1]."""
+
+    def run(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        x = inputs["IMAGE"].reshape(inputs["IMAGE"].shape[0], -1).astype(np.float64)
+        logits = x @ weights
+        e = np.exp(logits - logits.max(axis=1, keepdims=True))
+        probs = e / e.sum(axis=1, keepdims=True)
+        return {"PROBS": probs.astype(probs_dtype), "LABEL": probs.argmax(axis=1).astype(np.int64)}
+
+    return run
+
+
+def typed(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """One tensor of several datatypes in, a transformed tensor of the same datatype out."""
+    s = inputs["S"]
+    reversed_s = np.array([bytes(v)[::-1] for v in s.reshape(-1)], dtype=np.object_).reshape(s.shape)
+    return {
+        "B_OUT": np.logical_not(inputs["B"]),
+        "S_OUT": reversed_s,
+        "H_OUT": (inputs["H"] * 2).astype(np.float16),
+        "U_OUT": (inputs["U"] + 1).astype(np.uint64),
+        "I_OUT": (inputs["I"] // 2).astype(np.int8),
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--http-port", type=int, default=8000)
+    ap.add_argument("--grpc-port", type=int, default=8001)
+    ap.add_argument("--metrics-port", type=int, default=8002)
+    ap.add_argument("--fault-dir", type=pathlib.Path, required=True)
+    ap.add_argument("--models", default="demo_classifier,demo_classifier_fp64,typed")
+    args = ap.parse_args()
+
+    from pytriton.model_config import ModelConfig, Tensor
+    from pytriton.triton import Triton, TritonConfig, TritonSecurityConfig
+
+    args.fault_dir.mkdir(parents=True, exist_ok=True)
+    faults = Faults(args.fault_dir)
+    weights = np.random.default_rng(1234).standard_normal((3 * 8 * 8, 10)) * 0.1
+    noise = np.random.default_rng()
+    models: dict[str, tuple[Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]], list[Any], list[Any]]] = {
+        "demo_classifier": (
+            classifier(weights, np.float32),
+            [Tensor(name="IMAGE", dtype=np.float32, shape=(-1, 3, 8, 8))],
+            [
+                Tensor(name="PROBS", dtype=np.float32, shape=(-1, -1)),
+                Tensor(name="LABEL", dtype=np.int64, shape=(-1,)),
+            ],
+        ),
+        "demo_classifier_fp64": (
+            classifier(weights, np.float64),
+            [Tensor(name="IMAGE", dtype=np.float32, shape=(-1, 3, 8, 8))],
+            [
+                Tensor(name="PROBS", dtype=np.float64, shape=(-1, -1)),
+                Tensor(name="LABEL", dtype=np.int64, shape=(-1,)),
+            ],
+        ),
+        "typed": (
+            typed,
+            [
+                Tensor(name="B", dtype=np.bool_, shape=(-1,)),
+                Tensor(name="S", dtype=bytes, shape=(-1,)),
+                Tensor(name="H", dtype=np.float16, shape=(-1,)),
+                Tensor(name="U", dtype=np.uint64, shape=(-1,)),
+                Tensor(name="I", dtype=np.int8, shape=(-1, -1)),
+            ],
+            [
+                Tensor(name="B_OUT", dtype=np.bool_, shape=(-1,)),
+                Tensor(name="S_OUT", dtype=bytes, shape=(-1,)),
+                Tensor(name="H_OUT", dtype=np.float16, shape=(-1,)),
+                Tensor(name="U_OUT", dtype=np.uint64, shape=(-1,)),
+                Tensor(name="I_OUT", dtype=np.int8, shape=(-1, -1)),
+            ],
+        ),
+    }
+
+    def serve_model(name: str, fn: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]) -> Any:
+        def infer(requests: list[Any]) -> list[dict[str, np.ndarray]]:
+            out = []
+            for req in requests:
+                mode = faults.before(name)
+                out.append(apply_output_fault(mode, fn(dict(req.items())), noise))
+            return out
+
+        return infer
+
+    config = TritonConfig(
+        http_address="127.0.0.1",
+        http_port=args.http_port,
+        grpc_address="127.0.0.1",
+        grpc_port=args.grpc_port,
+        metrics_address="127.0.0.1",
+        metrics_port=args.metrics_port,
+        exit_timeout_secs=2,
+        log_verbose=0,
+    )
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with Triton(config=config, security_config=TritonSecurityConfig(restricted_endpoints=[])) as triton:
+        for name in args.models.split(","):
+            fn, inputs, outputs = models[name]
+            triton.bind(
+                model_name=name,
+                infer_func=serve_model(name, fn),
+                inputs=inputs,
+                outputs=outputs,
+                config=ModelConfig(batching=False),
+                strict=False,
+            )
+        triton.run()
+        print(f"READY http=127.0.0.1:{args.http_port} models={args.models}", flush=True)
+        try:
+            while not stop.is_set() and triton.is_alive():
+                stop.wait(0.5)
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,621 @@
+"""Load the probe's YAML configuration into frozen, typed objects.
+
+Decoding is strict: an unknown key, a wrong type or an impossible value raises `ConfigError` whose message
+starts with the key path (`canaries[1].inputs[0].dtype: unknown key`). Every default lives in this module.
+Relative paths are resolved against the directory of the config file.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+DATATYPES = (
+    "BOOL",
+    "UINT8",
+    "UINT16",
+    "UINT32",
+    "UINT64",
+    "INT8",
+    "INT16",
+    "INT32",
+    "INT64",
+    "FP16",
+    "FP32",
+    "FP64",
+    "BYTES",
+)
+
+# Letters, digits, '_', '-', '.'; '.' and '..' alone are refused separately because they name directories.
+NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {
+    "b": 1,
+    "kb": 1000,
+    "mb": 1000**2,
+    "gb": 1000**3,
+    "tb": 1000**4,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+    "tib": 1024**4,
+}
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key path and what was expected."""
+
+
+# ---------------------------------------------------------------------------------------------- objects
+
+
+@dataclass(frozen=True)
+class TritonConfig:
+    url: str = "127.0.0.1:8000"
+    """host:port as tritonclient wants it (no scheme)."""
+    ssl: bool = False
+    metrics_url: str = ""
+    """Triton's Prometheus endpoint (`http://host:8002/metrics`); derived from `url` when empty."""
+
+
+@dataclass(frozen=True)
+class ListenConfig:
+    host: str = "0.0.0.0"
+    port: int = 8080
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    timeout: float = 0.8
+    min_interval: float = 1.0
+    interval: float = 10.0
+    drain: float = 5.0
+    """Seconds `serve` keeps answering (with `shutdown` failing) after SIGTERM before it exits."""
+    hang_backoff: float = 10.0
+    """Longest pause between canaries sent to a model whose last canary timed out."""
+
+
+@dataclass(frozen=True)
+class LivenessConfig:
+    after: float = 60.0
+    startup: float = 600.0
+    """/live fails if Triton has never been healthy this many seconds after start."""
+
+
+@dataclass(frozen=True)
+class MinFree:
+    """GPU headroom threshold: absolute bytes, or a percentage of each device's total memory."""
+
+    bytes: int | None = 2 * 1024**3
+    percent: float | None = None
+
+    def threshold(self, total: int) -> int:
+        if self.percent is not None:
+            return int(total * self.percent / 100.0)
+        return self.bytes or 0
+
+    def __str__(self) -> str:
+        if self.percent is not None:
+            return f"{self.percent:g}%"
+        return format_bytes(self.bytes or 0)
+
+
+@dataclass(frozen=True)
+class GpuConfig:
+    source: str = "nvml"
+    devices: tuple[str, ...] | None = None
+    """None means `auto`: NVIDIA_VISIBLE_DEVICES, or every device NVML sees."""
+    min_free: MinFree = field(default_factory=MinFree)
+    interval: float = 2.0
+    """Seconds between NVML (or Triton metrics) samples."""
+    stale_after: float = 0.0
+    """A sample older than this fails the check; 0 means max(3 x interval, 5 s)."""
+    metrics_url: str = ""
+    """For source triton-metrics; empty means Triton's host on port 8002."""
+    trend_window: float = 600.0
+    """Seconds of used-memory samples the leak trend (bytes per minute) is fitted over."""
+
+    @property
+    def stale_limit(self) -> float:
+        return self.stale_after if self.stale_after > 0 else max(3 * self.interval, 5.0)
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    fill: str
+    """zeros | ones | value | random | file | data"""
+    value: Any = None
+    seed: int = 0
+    file: Path | None = None
+    data: Any = None
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-able description of the spec (the file itself is covered by the input digest)."""
+        d: dict[str, Any] = {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+        d["fill"] = self.fill
+        if self.fill == "value":
+            d["value"] = self.value
+        elif self.fill == "random":
+            d["seed"] = self.seed
+        elif self.fill == "file":
+            d["file"] = str(self.file)
+        return d
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    mode: str = "exact"
+    rtol: float = 1e-5
+    atol: float = 1e-6
+
+
+@dataclass(frozen=True)
+class LatencyConfig:
+    max_ms: float | None = None
+    drift: float | None = None
+    window: int = 5
+    """Number of recent canary latencies whose median is compared with the baseline."""
+
+
+@dataclass(frozen=True)
+class CanaryConfig:
+    name: str
+    model: str
+    inputs: tuple[InputSpec, ...]
+    version: str = ""
+    outputs: tuple[str, ...] | None = None
+    timeout: float | None = None
+    compare: CompareConfig = field(default_factory=CompareConfig)
+    latency: LatencyConfig = field(default_factory=LatencyConfig)
+
+    def deadline(self, probe_timeout: float) -> float:
+        return self.timeout if self.timeout is not None else probe_timeout
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    triton: TritonConfig = field(default_factory=TritonConfig)
+    listen: ListenConfig = field(default_factory=ListenConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    liveness: LivenessConfig = field(default_factory=LivenessConfig)
+    gpu: GpuConfig = field(default_factory=GpuConfig)
+    golden_dir: Path = Path("golden")
+    canaries: tuple[CanaryConfig, ...] = ()
+
+    def canary(self, name: str) -> CanaryConfig:
+        for c in self.canaries:
+            if c.name == name:
+                return c
+        raise KeyError(name)
+
+    def golden_path(self, canary: str) -> Path:
+        return self.golden_dir / f"{canary}.json"
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def format_bytes(n: float) -> str:
+    """2147483648 -> '2.0GiB'; used in reasons so operators read sizes, not byte counts."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{value:.0f}{unit}" if unit == "B" else f"{value:.1f}{unit}"
+        value /= 1024
+    return f"{value:.1f}TiB"  # pragma: no cover - loop always returns
+
+
+def parse_size(text: Any, where: str) -> int:
+    """`2GiB`, `512MiB`, `1.5GB`, `1048576` -> bytes."""
+    if isinstance(text, bool):
+        raise ConfigError(f"{where}: expected a size like 2GiB, 512MiB or a byte count, got {text!r}")
+    if isinstance(text, int):
+        if text < 0:
+            raise ConfigError(f"{where}: must not be negative, got {text}")
+        return text
+    if isinstance(text, str):
+        m = _SIZE_RE.match(text)
+        if m:
+            unit = (m.group(2) or "B").lower()
+            return int(float(m.group(1)) * _SIZE_UNITS[unit])
+    raise ConfigError(f"{where}: expected a size like 2GiB, 512MiB or a byte count, got {text!r}")
+
+
+def _parse_min_free(raw: Any, where: str) -> MinFree:
+    if isinstance(raw, str) and raw.strip().endswith("%"):
+        try:
+            pct = float(raw.strip()[:-1])
+        except ValueError:
+            raise ConfigError(f"{where}: expected a percentage like 10%, got {raw!r}") from None
+        if not 0 <= pct <= 100:
+            raise ConfigError(f"{where}: percentage must be between 0% and 100%, got {raw!r}")
+        return MinFree(bytes=None, percent=pct)
+    return MinFree(bytes=parse_size(raw, where), percent=None)
+
+
+def _type_name(v: Any) -> str:
+    if v is None:
+        return "null"
+    return {
+        bool: "boolean",
+        int: "integer",
+        float: "number",
+        str: "string",
+        list: "list",
+        dict: "mapping",
+    }.get(type(v), type(v).__name__)
+
+
+class _Section:
+    """Reads one YAML mapping, tracking which keys were used so leftovers are reported as unknown."""
+
+    def __init__(self, raw: Any, path: str) -> None:
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"{path or 'config'}: expected a mapping, got {_type_name(raw)}")
+        for key in raw:
+            if not isinstance(key, str):
+                raise ConfigError(f"{self._join(path, str(key))}: keys must be strings")
+        self.raw = raw
+        self.path = path
+        self.used: set[str] = set()
+
+    @staticmethod
+    def _join(path: str, key: str) -> str:
+        return f"{path}.{key}" if path else key
+
+    def where(self, key: str) -> str:
+        return self._join(self.path, key)
+
+    def has(self, key: str) -> bool:
+        return key in self.raw
+
+    def get(self, key: str, default: Any = None) -> Any:
+        self.used.add(key)
+        return self.raw.get(key, default)
+
+    def number(self, key: str, default: float, *, positive: bool = False, allow_zero: bool = True) -> float:
+        v = self.get(key, default)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ConfigError(f"{self.where(key)}: expected a number of seconds, got {v!r}")
+        if v < 0 or (v == 0 and not allow_zero) or (positive and v <= 0):
+            raise ConfigError(f"{self.where(key)}: must be {'positive' if positive else 'zero or more'}, got {v}")
+        return float(v)
+
+    def string(self, key: str, default: str, *, choices: tuple[str, ...] | None = None) -> str:
+        v = self.get(key, default)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and choices is None:
+            v = str(v)  # YAML reads `version: 1` as a number; a string was meant
+        if not isinstance(v, str):
+            raise ConfigError(f"{self.where(key)}: expected a string, got {_type_name(v)}")
+        if choices is not None and v not in choices:
+            raise ConfigError(f"{self.where(key)}: expected one of {', '.join(choices)}, got {v!r}")
+        return v
+
+    def sub(self, key: str) -> _Section:
+        return _Section(self.get(key), self.where(key))
+
+    def finish(self) -> None:
+        for key in self.raw:
+            if key not in self.used:
+                raise ConfigError(f"{self.where(key)}: unknown key")
+
+
+def _parse_url(raw: str, where: str) -> tuple[str, bool]:
+    text = raw.strip()
+    ssl = False
+    if "://" in text:
+        parts = urlsplit(text)
+        if parts.scheme not in ("http", "https"):
+            raise ConfigError(f"{where}: scheme must be http or https, got {parts.scheme!r}")
+        if parts.path not in ("", "/") or parts.query:
+            raise ConfigError(f"{where}: expected host:port without a path, got {raw!r}")
+        ssl = parts.scheme == "https"
+        text = parts.netloc
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{where}: expected host:port or http(s)://host:port, got {raw!r}")
+    return text, ssl
+
+
+def _check_name(v: Any, where: str, what: str) -> str:
+    if not isinstance(v, str):
+        raise ConfigError(f"{where}: expected a string, got {_type_name(v)}")
+    if not NAME_RE.match(v) or v in (".", ".."):
+        raise ConfigError(f"{where}: {v!r} is not a valid {what} (letters, digits, '_', '-', '.'; not '.' or '..')")
+    return v
+
+
+def _shape(raw: Any, where: str) -> tuple[int, ...]:
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError(f"{where}: expected a non-empty list of dimensions, got {raw!r}")
+    dims = []
+    for i, d in enumerate(raw):
+        if isinstance(d, bool) or not isinstance(d, int) or d < 0:
+            raise ConfigError(f"{where}[{i}]: dimensions must be integers >= 0, got {d!r}")
+        dims.append(d)
+    return tuple(dims)
+
+
+def _parse_input(raw: Any, where: str, base: Path) -> InputSpec:
+    s = _Section(raw, where)
+    if not s.has("name"):
+        raise ConfigError(f"{where}.name: required")
+    name = s.string("name", "")
+    if not name:
+        raise ConfigError(f"{where}.name: must not be empty")
+    if not s.has("datatype"):
+        raise ConfigError(f"{where}.datatype: required")
+    datatype = s.string("datatype", "")
+    if datatype.upper() not in DATATYPES:
+        raise ConfigError(f"{where}.datatype: expected a Triton datatype ({', '.join(DATATYPES)}), got {datatype!r}")
+    datatype = datatype.upper()
+    if not s.has("shape"):
+        raise ConfigError(f"{where}.shape: required")
+    shape = _shape(s.get("shape"), s.where("shape"))
+    fill_raw = s.get("fill", "zeros")
+    fw = s.where("fill")
+    spec: InputSpec
+    if fill_raw in ("zeros", "ones"):
+        spec = InputSpec(name, datatype, shape, fill_raw)
+    elif isinstance(fill_raw, Mapping) and len(fill_raw) == 1:
+        kind, arg = next(iter(fill_raw.items()))
+        if kind == "value":
+            if not isinstance(arg, (int, float, str, bool)):
+                raise ConfigError(f"{fw}.value: expected a scalar, got {_type_name(arg)}")
+            spec = InputSpec(name, datatype, shape, "value", value=arg)
+        elif kind == "random":
+            rs = _Section(arg, f"{fw}.random")
+            seed = rs.get("seed", 0)
+            if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+                raise ConfigError(f"{fw}.random.seed: expected an integer >= 0, got {seed!r}")
+            rs.finish()
+            spec = InputSpec(name, datatype, shape, "random", seed=seed)
+        elif kind == "file":
+            if not isinstance(arg, str) or not arg:
+                raise ConfigError(f"{fw}.file: expected a path to a .npy file, got {arg!r}")
+            spec = InputSpec(name, datatype, shape, "file", file=(base / arg))
+        elif kind == "data":
+            if not isinstance(arg, list):
+                raise ConfigError(f"{fw}.data: expected a list, got {_type_name(arg)}")
+            spec = InputSpec(name, datatype, shape, "data", data=arg)
+        else:
+            raise ConfigError(f"{fw}.{kind}: unknown fill (expected zeros, ones, value, random, file or data)")
+    else:
+        raise ConfigError(
+            f"{fw}: expected zeros, ones, {{value: V}}, {{random: {{seed: S}}}}, {{file: F}} or {{data: [...]}}, "
+            f"got {fill_raw!r}"
+        )
+    s.finish()
+    if datatype == "BYTES" and spec.fill in ("ones",):
+        raise ConfigError(f"{fw}: 'ones' has no meaning for BYTES; use {{value: ...}} or {{data: [...]}}")
+    if spec.fill == "data":
+        count = math.prod(shape)
+        flat = _flatten(spec.data)
+        if len(flat) != count:
+            raise ConfigError(f"{fw}.data: shape {list(shape)} needs {count} values, got {len(flat)}")
+    return spec
+
+
+def _flatten(data: Any) -> list[Any]:
+    if isinstance(data, list):
+        out: list[Any] = []
+        for d in data:
+            out.extend(_flatten(d))
+        return out
+    return [data]
+
+
+def _parse_canary(raw: Any, where: str, base: Path, probe: ProbeConfig) -> CanaryConfig:
+    s = _Section(raw, where)
+    if not s.has("name"):
+        raise ConfigError(f"{where}.name: required")
+    name = _check_name(s.get("name"), s.where("name"), "canary name")
+    if not s.has("model"):
+        raise ConfigError(f"{where}.model: required")
+    model = _check_name(s.get("model"), s.where("model"), "model name")
+    version = s.string("version", "")
+    if version and not version.isdigit():
+        raise ConfigError(f"{s.where('version')}: expected a version number or empty, got {version!r}")
+    inputs_raw = s.get("inputs")
+    if not isinstance(inputs_raw, list) or not inputs_raw:
+        raise ConfigError(f"{s.where('inputs')}: expected a non-empty list of inputs")
+    inputs = tuple(_parse_input(r, f"{where}.inputs[{i}]", base) for i, r in enumerate(inputs_raw))
+    seen: dict[str, int] = {}
+    for i, spec in enumerate(inputs):
+        if spec.name in seen:
+            raise ConfigError(
+                f"{where}.inputs[{i}].name: duplicate input {spec.name!r} (also inputs[{seen[spec.name]}])"
+            )
+        seen[spec.name] = i
+    outputs: tuple[str, ...] | None = None
+    if s.has("outputs") and s.raw["outputs"] is not None:
+        out_raw = s.get("outputs")
+        if not isinstance(out_raw, list) or not all(isinstance(o, str) and o for o in out_raw):
+            raise ConfigError(f"{s.where('outputs')}: expected a list of output names")
+        if len(set(out_raw)) != len(out_raw):
+            raise ConfigError(f"{s.where('outputs')}: output names must be unique")
+        outputs = tuple(out_raw)
+    else:
+        s.get("outputs")
+    timeout: float | None = None
+    if s.has("timeout") and s.raw["timeout"] is not None:
+        timeout = s.number("timeout", 0.0, positive=True)
+        if timeout > probe.timeout:
+            raise ConfigError(f"{s.where('timeout')}: {timeout:g} exceeds probe.timeout {probe.timeout:g}")
+    else:
+        s.get("timeout")
+    cs = s.sub("compare")
+    compare = CompareConfig(
+        mode=cs.string("mode", "exact", choices=("exact", "tolerance")),
+        rtol=cs.number("rtol", 1e-5),
+        atol=cs.number("atol", 1e-6),
+    )
+    cs.finish()
+    ls = s.sub("latency")
+    max_ms = ls.number("max_ms", 0.0, positive=True) if ls.has("max_ms") else None
+    drift = ls.number("drift", 0.0, positive=True) if ls.has("drift") else None
+    if drift is not None and drift < 1.0:
+        raise ConfigError(f"{ls.where('drift')}: must be >= 1.0 (a multiple of the baseline median), got {drift:g}")
+    window_raw = ls.get("window", 5)
+    if isinstance(window_raw, bool) or not isinstance(window_raw, int) or not 1 <= window_raw <= 1000:
+        raise ConfigError(f"{ls.where('window')}: expected an integer between 1 and 1000, got {window_raw!r}")
+    ls.finish()
+    s.finish()
+    return CanaryConfig(
+        name=name,
+        model=model,
+        version=version,
+        inputs=inputs,
+        outputs=outputs,
+        timeout=timeout,
+        compare=compare,
+        latency=LatencyConfig(max_ms=max_ms, drift=drift, window=window_raw),
+    )
+
+
+def _parse_devices(raw: Any, where: str) -> tuple[str, ...] | None:
+    if raw is None or raw == "auto":
+        return None
+    if isinstance(raw, str):
+        raw = [p.strip() for p in raw.split(",") if p.strip()]
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError(f"{where}: expected auto or a list of GPU-/MIG- UUIDs or indices, got {raw!r}")
+    out = []
+    for i, d in enumerate(raw):
+        if isinstance(d, bool):
+            raise ConfigError(f"{where}[{i}]: expected a GPU-/MIG- UUID or an index, got {d!r}")
+        text = str(d)
+        if not (text.isdigit() or text.startswith(("GPU-", "MIG-"))):
+            raise ConfigError(f"{where}[{i}]: expected a GPU-/MIG- UUID or an index, got {d!r}")
+        out.append(text)
+    return tuple(out)
+
+
+def parse_config(raw: Any, path: Path) -> Config:
+    """Build a `Config` from decoded YAML; `path` is the file it came from (relative paths resolve next to it)."""
+    base = path.parent
+    top = _Section(raw, "")
+
+    ts = top.sub("triton")
+    url, ssl = _parse_url(ts.string("url", TritonConfig.url), ts.where("url"))
+    metrics_url = ts.string("metrics_url", "")
+    ts.finish()
+
+    ls = top.sub("listen")
+    host = ls.string("host", ListenConfig.host)
+    port = ls.get("port", ListenConfig.port)
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port < 65536:
+        raise ConfigError(f"{ls.where('port')}: expected a port number 0-65535, got {port!r}")
+    ls.finish()
+
+    ps = top.sub("probe")
+    probe = ProbeConfig(
+        timeout=ps.number("timeout", ProbeConfig.timeout, positive=True),
+        min_interval=ps.number("min_interval", ProbeConfig.min_interval),
+        interval=ps.number("interval", ProbeConfig.interval),
+        drain=ps.number("drain", ProbeConfig.drain),
+        hang_backoff=ps.number("hang_backoff", ProbeConfig.hang_backoff),
+    )
+    ps.finish()
+
+    lv = top.sub("liveness")
+    liveness = LivenessConfig(
+        after=lv.number("after", LivenessConfig.after),
+        startup=lv.number("startup", LivenessConfig.startup),
+    )
+    lv.finish()
+
+    gs = top.sub("gpu")
+    min_free = _parse_min_free(gs.get("min_free", "2GiB"), gs.where("min_free"))
+    gpu = GpuConfig(
+        source=gs.string("source", GpuConfig.source, choices=("nvml", "triton-metrics", "none")),
+        devices=_parse_devices(gs.get("devices", "auto"), gs.where("devices")),
+        min_free=min_free,
+        interval=gs.number("interval", GpuConfig.interval, positive=True),
+        stale_after=gs.number("stale_after", GpuConfig.stale_after),
+        metrics_url=gs.string("metrics_url", ""),
+        trend_window=gs.number("trend_window", GpuConfig.trend_window, positive=True),
+    )
+    gs.finish()
+
+    golden_raw = top.get("golden_dir", "golden")
+    if not isinstance(golden_raw, str) or not golden_raw:
+        raise ConfigError(f"golden_dir: expected a directory path, got {golden_raw!r}")
+    golden_dir = (base / golden_raw).resolve()
+
+    canaries_raw = top.get("canaries", [])
+    if canaries_raw is None:
+        canaries_raw = []
+    if not isinstance(canaries_raw, list):
+        raise ConfigError(f"canaries: expected a list, got {_type_name(canaries_raw)}")
+    canaries = []
+    names: dict[str, int] = {}
+    for i, c in enumerate(canaries_raw):
+        canary = _parse_canary(c, f"canaries[{i}]", base, probe)
+        if canary.name in names:
+            raise ConfigError(
+                f"canaries[{i}].name: duplicate canary name {canary.name!r} (also canaries[{names[canary.name]}])"
+            )
+        names[canary.name] = i
+        golden = (golden_dir / f"{canary.name}.json").resolve()
+        if golden.parent != golden_dir:  # pragma: no cover - NAME_RE already prevents it; kept as a guard
+            raise ConfigError(f"canaries[{i}].name: {canary.name!r} would escape golden_dir")
+        canaries.append(canary)
+    top.finish()
+    return Config(
+        path=path,
+        triton=TritonConfig(url=url, ssl=ssl, metrics_url=metrics_url),
+        listen=ListenConfig(host=host, port=port),
+        probe=probe,
+        liveness=liveness,
+        gpu=gpu,
+        golden_dir=golden_dir,
+        canaries=tuple(canaries),
+    )
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a config file. Raises `ConfigError` with a one-line, key-path-first message."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: no such config file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{p}: cannot read config: {e}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{p}: invalid YAML{at}: {problem}") from None
+    except RecursionError:
+        raise ConfigError(f"{p}: invalid YAML: nested too deeply") from None
+    if raw is None:
+        raw = {}
+    return parse_config(raw, p.resolve())
+
+
+def derived_metrics_url(cfg: Config) -> str:
+    """Triton's metrics endpoint: explicit gpu.metrics_url / triton.metrics_url, else Triton's host on 8002."""
+    if cfg.gpu.metrics_url:
+        return cfg.gpu.metrics_url
+    if cfg.triton.metrics_url:
+        return cfg.triton.metrics_url
+    host = cfg.triton.url.rpartition(":")[0]
+    return f"http://{host}:8002/metrics"

@@ -1,0 +1,96 @@
+"""The environment fingerprint a golden record is tied to: GPUs, driver, CUDA driver, Triton, model backend.
+
+NVML's part is read once per process on a daemon thread with a deadline (a hung driver must not hang a probe,
+and at most one such thread is ever outstanding); its absence is recorded as data, not raised.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from probe.triton import TritonClient, TritonRequestError, TritonUnreachable
+
+NvmlReader = Callable[[], dict[str, Any]]
+
+
+def _no_nvml() -> dict[str, Any]:
+    return {"gpus": [], "driver": None, "cuda_driver": None, "nvml": "unavailable: gpu.source is none"}
+
+
+class EnvironmentProbe:
+    """Builds fingerprints; `nvml_reader` is blocking (probe.gpu.nvml_environment bound to the config)."""
+
+    def __init__(self, client: TritonClient, nvml_reader: NvmlReader | None, *, nvml_timeout: float = 2.0) -> None:
+        self._client = client
+        self._nvml_reader = nvml_reader
+        self._nvml_timeout = nvml_timeout
+        self._nvml: dict[str, Any] | None = None
+        self._nvml_thread: threading.Thread | None = None
+        self._triton_version: tuple[float, str] | None = None
+
+    async def nvml(self) -> dict[str, Any]:
+        if self._nvml is not None:
+            return self._nvml
+        if self._nvml_reader is None:
+            self._nvml = _no_nvml()
+            return self._nvml
+        if self._nvml_thread is not None and self._nvml_thread.is_alive():
+            return {"gpus": [], "driver": None, "cuda_driver": None, "nvml": "unavailable: NVML call hung"}
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[dict[str, Any]] = loop.create_future()
+        reader = self._nvml_reader
+
+        def work() -> None:
+            try:
+                value = reader()
+            except Exception as e:  # the reader turns errors into values; this is a last guard
+                value = {"gpus": [], "driver": None, "cuda_driver": None, "nvml": f"unavailable: {e}"}
+
+            def deliver() -> None:
+                if not fut.done():
+                    fut.set_result(value)
+
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(deliver)
+
+        self._nvml_thread = threading.Thread(target=work, name="probe-nvml-env", daemon=True)
+        self._nvml_thread.start()
+        try:
+            value = await asyncio.wait_for(fut, self._nvml_timeout)
+        except asyncio.TimeoutError:
+            return {
+                "gpus": [],
+                "driver": None,
+                "cuda_driver": None,
+                "nvml": "unavailable: NVML call timed out",
+            }
+        self._nvml = value
+        return value
+
+    async def triton_version(self) -> str:
+        now = time.monotonic()
+        if self._triton_version is not None and now - self._triton_version[0] < 60.0:
+            return self._triton_version[1]
+        meta = await self._client.server_metadata()
+        version = str(meta.get("version", ""))
+        self._triton_version = (now, version)
+        return version
+
+    async def fingerprint(self, model: str, version: str = "") -> dict[str, Any]:
+        """The environment a canary runs in now. Raises TritonUnreachable/TritonRequestError if Triton fails."""
+        env = dict(await self.nvml())
+        env["triton"] = await self.triton_version()
+        info = await self._client.model_info(model, version)
+        env["platform"] = info.platform
+        env["backend"] = info.backend
+        return env
+
+    async def fingerprint_or_none(self, model: str, version: str = "") -> dict[str, Any] | None:
+        try:
+            return await self.fingerprint(model, version)
+        except (TritonUnreachable, TritonRequestError):
+            return None

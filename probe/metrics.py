@@ -1,0 +1,118 @@
+"""Prometheus metrics on an injected registry (never the global one), updated from each run."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from probe.checks.base import CheckResult
+from probe.runner import Run
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class Metrics:
+    """Every `probe_` metric. Built per process (or per test) on the registry it is given."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.ready = Gauge("probe_ready", "1 when /ready passes (all checks), else 0", registry=registry)
+        self.live = Gauge("probe_live", "1 when /live passes, else 0", registry=registry)
+        self.check_success = Gauge(
+            "probe_check_success", "1 when the check passed in the latest run", ["check"], registry=registry
+        )
+        self.check_duration = Gauge(
+            "probe_check_duration_seconds",
+            "How long the check took in the latest run",
+            ["check"],
+            registry=registry,
+        )
+        self.canary_latency = Histogram(
+            "probe_canary_latency_seconds",
+            "Wall time of completed canary inferences",
+            ["canary"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.mismatch = Counter(
+            "probe_canary_mismatch",
+            "Canary outputs that matched no golden record",
+            ["canary"],
+            registry=registry,
+        )
+        self.max_abs_error = Gauge(
+            "probe_canary_max_abs_error",
+            "Largest absolute error against the golden tensors (tolerance mode)",
+            ["canary"],
+            registry=registry,
+        )
+        self.gpu_free = Gauge("probe_gpu_memory_free_bytes", "Free GPU memory", ["gpu"], registry=registry)
+        self.gpu_total = Gauge("probe_gpu_memory_total_bytes", "Total GPU memory", ["gpu"], registry=registry)
+        self.gpu_trend = Gauge(
+            "probe_gpu_memory_used_trend_bytes_per_minute",
+            "Slope of used GPU memory over gpu.trend_window (a steady positive value is a leak)",
+            ["gpu"],
+            registry=registry,
+        )
+        self.runs = Counter("probe_runs", "Check runs executed", registry=registry)
+        self.environment = Gauge(
+            "probe_environment_info",
+            "The environment fingerprint this node reports (value is always 1)",
+            ["gpu", "driver", "cuda", "triton"],
+            registry=registry,
+        )
+        self.queue_pending = Gauge(
+            "probe_triton_queue_pending_requests",
+            "Requests waiting in Triton's queue for the canary's model (nv_inference_pending_request_count)",
+            ["model"],
+            registry=registry,
+        )
+        self.queue_time = Gauge(
+            "probe_triton_queue_time_seconds",
+            "Mean queue time per request since the previous run, from Triton's /stats deltas",
+            ["model"],
+            registry=registry,
+        )
+
+    def observe_run(self, run: Run) -> None:
+        self.runs.inc()
+        for name, r in run.results.items():
+            self.observe_check(r)
+            if name.startswith("canary/"):
+                canary = name.split("/", 1)[1]
+                lat = r.details.get("latency_s")
+                if isinstance(lat, float):
+                    self.canary_latency.labels(canary).observe(lat)
+                if r.details.get("mismatch"):
+                    self.mismatch.labels(canary).inc()
+                err = r.details.get("max_abs_error")
+                if isinstance(err, float):
+                    self.max_abs_error.labels(canary).set(err)
+            if name == "gpu":
+                self.observe_gpu(r.details)
+
+    def observe_check(self, r: CheckResult) -> None:
+        self.check_success.labels(r.name).set(1.0 if r.ok else 0.0)
+        self.check_duration.labels(r.name).set(r.duration)
+
+    def observe_gpu(self, details: dict[str, Any]) -> None:
+        for dev in details.get("devices", []):
+            self.gpu_free.labels(dev["gpu"]).set(dev["free"])
+            self.gpu_total.labels(dev["gpu"]).set(dev["total"])
+        for gpu, slope in (details.get("trend_bytes_per_minute") or {}).items():
+            self.gpu_trend.labels(gpu).set(slope)
+
+    def set_environment(self, env: dict[str, Any]) -> None:
+        gpus = ",".join(sorted(set(env.get("gpus") or []))) or "none"
+        self.environment.clear()
+        self.environment.labels(
+            gpus,
+            str(env.get("driver") or "none"),
+            str(env.get("cuda_driver") or "none"),
+            str(env.get("triton") or ""),
+        ).set(1)
+
+    def expose(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

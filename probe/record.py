@@ -1,0 +1,202 @@
+"""Recording golden files from the live server.
+
+The canary runs `runs` times; in exact mode every run must give identical outputs (else the model is not
+deterministic on this input and recording is refused); in tolerance mode the runs must agree within the
+tolerance and the first run's tensors are stored. A record is per environment fingerprint: a new environment
+adds a record, an existing one is replaced only with `force`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+
+from probe import __version__
+from probe.config import CanaryConfig, Config
+from probe.environment import EnvironmentProbe
+from probe.golden import (
+    EXACT_ONLY,
+    Golden,
+    GoldenError,
+    LatencyBaseline,
+    OutputGolden,
+    Record,
+    compare_outputs,
+    describe_environment,
+    environment_id,
+    load_golden,
+    write_golden,
+)
+from probe.tensors import build_inputs, digest, input_digest
+from probe.triton import InferOutcome, TritonClient, input_mismatches
+
+# A recording run may take longer than a probe (a cold model); it is still bounded.
+RECORD_RUN_TIMEOUT = 60.0
+
+
+class RecordRefused(Exception):
+    """Recording would store a golden that cannot judge the model (nondeterministic, too slow, clash)."""
+
+
+@dataclass(frozen=True)
+class Recorded:
+    canary: str
+    path: str
+    summary: str
+
+
+def _outputs_golden(outcome: InferOutcome) -> dict[str, OutputGolden]:
+    return {
+        n: OutputGolden(dt, tuple(int(d) for d in a.shape), digest(dt, a)) for n, (dt, a) in outcome.outputs.items()
+    }
+
+
+async def record_canary(
+    cfg: Config,
+    canary: CanaryConfig,
+    client: TritonClient,
+    environment: EnvironmentProbe,
+    *,
+    runs: int,
+    force: bool,
+) -> Recorded:
+    """Record (or add a record to) one canary's golden file. Raises RecordRefused, GoldenError, OSError."""
+    path = cfg.golden_path(canary.name)
+    inputs = build_inputs(canary)
+    in_digest = input_digest(canary, inputs)
+    existing: Golden | None = None
+    if path.exists():
+        try:
+            existing = load_golden(path)
+        except GoldenError as e:
+            if not force:
+                raise GoldenError(f"{e} (use --force to overwrite it)") from None
+    if existing is not None and existing.input_digest != in_digest:
+        if not force:
+            raise RecordRefused(
+                f"{path}: its {len(existing.records)} record(s) were made for different canary inputs; "
+                "--force discards them and records anew"
+            )
+        existing = None
+
+    info = await client.model_info(canary.model, canary.version)
+    problems = input_mismatches(canary, info)
+    if problems:
+        raise RecordRefused(f"canary {canary.name} does not fit the model: " + "; ".join(problems))
+    env = await environment.fingerprint(canary.model, canary.version)
+
+    outcomes: list[InferOutcome] = []
+    for _ in range(runs):
+        outcomes.append(await asyncio.wait_for(client.infer(canary, inputs, canary.outputs), RECORD_RUN_TIMEOUT))
+    first = outcomes[0]
+    if not first.outputs:
+        raise RecordRefused(f"canary {canary.name}: the model returned no outputs")
+    outputs = _outputs_golden(first)
+    mode = canary.compare.mode
+    record_tensors = mode == "tolerance"
+    reference: Golden | None = None
+    if mode == "tolerance":
+        rec = _record(env, outputs, first, outcomes, tensors=True)
+        reference = _golden_with(canary, in_digest, [rec], _tensors_for(rec, first), mode)
+    for i, o in enumerate(outcomes[1:], start=2):
+        if reference is None:
+            if _outputs_golden(o) != outputs:
+                names = [n for n, g in _outputs_golden(o).items() if outputs.get(n) != g]
+                raise RecordRefused(
+                    f"canary {canary.name}: the model is not deterministic on this input (run {i} output "
+                    f"{', '.join(names) or '?'} differs from run 1); use compare.mode: tolerance"
+                )
+        else:
+            cmp = compare_outputs(reference, o.outputs, canary.compare)
+            if not cmp.ok:
+                raise RecordRefused(
+                    f"canary {canary.name}: runs disagree beyond the tolerance (run {i}: {cmp.reason}); "
+                    "widen compare.rtol/atol or fix the input"
+                )
+    latencies = sorted(o.latency_s for o in outcomes)
+    median_s = float(np.median(latencies))
+    deadline = canary.deadline(cfg.probe.timeout)
+    if median_s > deadline:
+        raise RecordRefused(
+            f"canary {canary.name} takes {median_s * 1000:.0f}ms, more than its deadline {deadline:g}s; "
+            "raise the canary's timeout (and probe.timeout) or pick a smaller input"
+        )
+
+    new_rec = _record(env, outputs, first, outcomes, tensors=record_tensors)
+    records = list(existing.records) if existing is not None else []
+    tensors: dict[str, np.ndarray[Any, Any]] = dict(existing.tensors) if existing is not None else {}
+    this_id = environment_id(env)
+    same = [i for i, r in enumerate(records) if r.env_id == this_id]
+    action = "added"
+    if same:
+        old = records[same[0]]
+        if old.outputs == outputs and not force:
+            return Recorded(canary.name, str(path), f"unchanged: {path} already holds this environment's output")
+        if not force:
+            raise RecordRefused(
+                f"{path}: a record for this environment ({describe_environment(env)}) exists with different "
+                "outputs; --force replaces it"
+            )
+        records[same[0]] = new_rec
+        action = "replaced"
+    else:
+        records.append(new_rec)
+    if record_tensors:
+        tensors.update(_tensors_for(new_rec, first))
+    live_keys = {f"{r.record_id}/{n}" for r in records if r.tensors for n in r.outputs}
+    # Keep the old records' tensors as well, so a JSON write failing after the .npz leaves a consistent pair.
+    old_keys = {f"{r.record_id}/{n}" for r in (existing.records if existing else ()) if r.tensors for n in r.outputs}
+    tensors = {k: v for k, v in tensors.items() if k in live_keys | old_keys}
+    golden = _golden_with(canary, in_digest, records, tensors, mode)
+    write_golden(path, golden)
+    lat = new_rec.latency
+    return Recorded(
+        canary.name,
+        str(path),
+        f"{action} record {len(records)} of {path}: {runs} runs, median {lat.median_ms:.2f}ms, "
+        f"environment {describe_environment(env)}",
+    )
+
+
+def _record(
+    env: dict[str, Any],
+    outputs: dict[str, OutputGolden],
+    first: InferOutcome,
+    runs: list[InferOutcome],
+    *,
+    tensors: bool,
+) -> Record:
+    return Record(
+        environment=env,
+        recorded_at=datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
+        tool_version=__version__,
+        outputs=outputs,
+        latency=LatencyBaseline.from_samples([o.latency_s for o in runs]),
+        tensors=tensors,
+    )
+
+
+def _tensors_for(rec: Record, outcome: InferOutcome) -> dict[str, np.ndarray[Any, Any]]:
+    return {f"{rec.record_id}/{n}": a for n, (dt, a) in outcome.outputs.items() if dt not in EXACT_ONLY}
+
+
+def _golden_with(
+    canary: CanaryConfig,
+    in_digest: str,
+    records: list[Record],
+    tensors: dict[str, np.ndarray[Any, Any]],
+    mode: str,
+) -> Golden:
+    return Golden(
+        canary=canary.name,
+        model=canary.model,
+        version=canary.version,
+        input_digest=in_digest,
+        compare_mode=mode,
+        records=tuple(records),
+        tensors=tensors,
+    )

@@ -1,0 +1,280 @@
+"""Runs the checks: deadlines, single-flight, result cache, hang backoff, history, liveness policy.
+
+The runner owns every timing decision so checks stay simple:
+- a run executes all checks concurrently, each under min(its own timeout, the run budget); when a deadline
+  passes the check's task is cancelled (its HTTP request to Triton is closed) and it fails as timed out;
+- derived checks (latency) run after the others, inside the same budget, and read what they measured;
+- concurrent callers share one run (single-flight); a run younger than `min_interval` is reused;
+- a check that timed out is not re-sent to Triton until a backoff passes (doubling up to `hang_backoff`),
+  so a stuck server is not fed a growing backlog of canaries; meanwhile its last result stands;
+- `instant` checks (shutdown, ping) are evaluated on every request, never cached.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from probe.checks.base import Check, CheckResult, failed
+
+Clock = Callable[[], float]
+# Time kept back from the probe budget so the HTTP answer itself fits inside probe.timeout.
+ANSWER_MARGIN = 0.02
+
+
+@dataclass(frozen=True)
+class Run:
+    """The results of one run of the checks."""
+
+    started: float
+    """monotonic"""
+    wall: float
+    duration: float
+    results: dict[str, CheckResult]
+    sequence: int = 0
+
+
+@dataclass
+class _Backoff:
+    until: float = 0.0
+    delay: float = 0.0
+
+
+def _is_instant(check: Check) -> bool:
+    return bool(getattr(check, "instant", False))
+
+
+def _is_derived(check: Check) -> bool:
+    return bool(getattr(check, "derived", False))
+
+
+class Runner:
+    """Runs `checks` under `timeout`; see the module docstring for the rules."""
+
+    def __init__(
+        self,
+        checks: Sequence[Check],
+        *,
+        timeout: float,
+        min_interval: float = 1.0,
+        interval: float = 0.0,
+        hang_backoff: float = 10.0,
+        history: int = 256,
+        clock: Clock = time.monotonic,
+        on_run: Iterable[Callable[[Run], None]] = (),
+    ) -> None:
+        names = [c.name for c in checks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate check names: {names}")
+        self.checks = list(checks)
+        self.timeout = timeout
+        self.min_interval = min_interval
+        self.interval = interval
+        self.hang_backoff = hang_backoff
+        self.clock = clock
+        self.history: deque[Run] = deque(maxlen=history)
+        self._on_run = list(on_run)
+        self._last: Run | None = None
+        self._inflight: asyncio.Future[Run] | None = None
+        self._backoff: dict[str, _Backoff] = {}
+        self._loop_task: asyncio.Task[None] | None = None
+        self._sequence = 0
+        self.runs_total = 0
+
+    @property
+    def names(self) -> list[str]:
+        return [c.name for c in self.checks]
+
+    @property
+    def last(self) -> Run | None:
+        return self._last
+
+    def add_listener(self, fn: Callable[[Run], None]) -> None:
+        self._on_run.append(fn)
+
+    # ------------------------------------------------------------------------------------------ running
+
+    def _budget(self) -> float:
+        return max(self.timeout - ANSWER_MARGIN, 0.01)
+
+    async def _run_one(self, check: Check, deadline: float) -> CheckResult:
+        wall = time.time()
+        start = self.clock()
+        limit = deadline - start
+        own = check.timeout
+        if own is not None:
+            limit = min(limit, own)
+        if limit <= 0:
+            if not _is_derived(check):
+                return failed(check.name, "no time left in the probe budget", restart_worthy=False)
+            limit = 0.005  # derived checks only read what was measured; let them answer
+        try:
+            result = await asyncio.wait_for(check.run(), limit)
+        except asyncio.TimeoutError:
+            result = failed(check.name, f"timed out after {limit:.2f}s", restart_worthy=True, details={"timeout": True})
+        except Exception as e:  # a bug in a check must not take the sidecar down; report it as a failure
+            result = failed(check.name, f"internal error: {type(e).__name__}: {e}")
+        return result.with_timing(wall, self.clock() - start)
+
+    async def _guarded(self, check: Check, deadline: float, previous: CheckResult | None) -> CheckResult:
+        b = self._backoff.get(check.name)
+        now = self.clock()
+        if b is not None and now < b.until and previous is not None:
+            return replace(previous, reason=f"{previous.reason} (retrying in {b.until - now:.1f}s)")
+        result = await self._run_one(check, deadline)
+        if result.details.get("timeout"):
+            b = self._backoff.setdefault(check.name, _Backoff())
+            b.delay = min(self.hang_backoff, max(b.delay * 2, self.min_interval, 0.1))
+            b.until = self.clock() + b.delay
+        else:
+            self._backoff.pop(check.name, None)
+        return result
+
+    async def run_once(self, *, names: Iterable[str] | None = None) -> Run:
+        """Run the (selected, non-instant) checks now, bounded by the probe budget."""
+        wanted = set(names) if names is not None else None
+        selected = [c for c in self.checks if not _is_instant(c) and (wanted is None or c.name in wanted)]
+        started = self.clock()
+        wall = time.time()
+        deadline = started + self._budget()
+        prev = self._last.results if self._last else {}
+        primary = [c for c in selected if not _is_derived(c)]
+        derived = [c for c in selected if _is_derived(c)]
+        results: dict[str, CheckResult] = {}
+        done = await asyncio.gather(*(self._guarded(c, deadline, prev.get(c.name)) for c in primary))
+        results.update({r.name: r for r in done})
+        for c in derived:
+            results[c.name] = await self._run_one(c, deadline)
+        results = {c.name: results[c.name] for c in selected}
+        self._sequence += 1
+        run = Run(
+            started=started,
+            wall=wall,
+            duration=self.clock() - started,
+            results=results,
+            sequence=self._sequence,
+        )
+        self.runs_total += 1
+        if wanted is None:
+            self._last = run
+            self.history.append(run)
+        for fn in self._on_run:
+            fn(run)
+        return run
+
+    async def results(self) -> Run:
+        """The latest run if younger than `min_interval`, else a new one shared by concurrent callers."""
+        last = self._last
+        if last is not None and self.clock() - last.started < self.min_interval:
+            return last
+        if self._inflight is None or self._inflight.done():
+            self._inflight = asyncio.ensure_future(self.run_once())
+        return await asyncio.shield(self._inflight)
+
+    async def instant_results(self) -> dict[str, CheckResult]:
+        out = {}
+        for c in self.checks:
+            if _is_instant(c):
+                out[c.name] = await self._run_one(c, self.clock() + self._budget())
+        return out
+
+    async def snapshot(self) -> dict[str, CheckResult]:
+        """Every check's current result: cached or fresh run, plus instant checks evaluated now."""
+        run = await self.results()
+        merged = dict(run.results)
+        merged.update(await self.instant_results())
+        return {c.name: merged[c.name] for c in self.checks if c.name in merged}
+
+    # ------------------------------------------------------------------------------------------ background
+
+    async def _loop(self) -> None:
+        while True:
+            with contextlib.suppress(Exception):
+                await self.results()
+            await asyncio.sleep(self.interval)
+
+    def start(self) -> None:
+        if self.interval > 0 and self._loop_task is None:
+            self._loop_task = asyncio.ensure_future(self._loop())
+
+    async def stop(self) -> None:
+        tasks: list[asyncio.Future[Any]] = [t for t in (self._loop_task, self._inflight) if t is not None]
+        self._loop_task = None
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+
+
+# ---------------------------------------------------------------------------------------------- liveness
+
+
+@dataclass
+class Liveness:
+    """Turns the stream of runs into the liveness verdict the contract describes.
+
+    A check fails liveness only when its results have been restart-worthy failures continuously for `after`
+    seconds, and only once the sidecar is armed (a canary has succeeded at least once; with no canaries, Triton
+    was healthy once). Before that, liveness fails only if Triton has never been healthy `startup` seconds after
+    start. Output mismatches, a loading model and latency drift are not restart-worthy and never fail /live.
+    """
+
+    after: float
+    startup: float
+    clock: Clock = time.monotonic
+    started: float = field(default=0.0)
+    armed: bool = False
+    triton_ever_healthy: bool = False
+    failing_since: dict[str, float] = field(default_factory=dict)
+    has_canaries: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.started:
+            self.started = self.clock()
+
+    def observe(self, run: Run) -> None:
+        for name, r in run.results.items():
+            if r.ok:
+                self.failing_since.pop(name, None)
+                if name == "triton":
+                    self.triton_ever_healthy = True
+                    if not self.has_canaries:
+                        self.armed = True
+                if name.startswith("canary/"):
+                    self.armed = True
+            elif r.restart_worthy:
+                self.failing_since.setdefault(name, run.started)
+            else:
+                self.failing_since.pop(name, None)
+
+    def verdict(self, results: dict[str, CheckResult]) -> dict[str, CheckResult]:
+        """Each check's liveness result (ping included as given)."""
+        now = self.clock()
+        out: dict[str, CheckResult] = {}
+        for name, r in results.items():
+            if name == "shutdown":
+                continue  # draining must not restart the container
+            since = self.failing_since.get(name)
+            if since is not None and self.armed and now - since >= self.after:
+                out[name] = replace(
+                    r,
+                    reason=f"failing for {now - since:.0f}s (liveness.after {self.after:g}s): {r.reason}",
+                    status="fail",
+                )
+            elif name == "triton" and not self.triton_ever_healthy and now - self.started >= self.startup:
+                out[name] = replace(
+                    r,
+                    status="fail",
+                    reason=f"Triton not healthy within {self.startup:g}s of start: {r.reason}",
+                )
+            else:
+                out[name] = replace(
+                    r, status="pass", reason="ok" if r.ok else f"ok (not restart-worthy yet: {r.reason})"
+                )
+        return out

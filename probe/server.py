@@ -1,0 +1,148 @@
+"""The HTTP face of `probe serve`: /ready, /live, per-check paths, /metrics. It aggregates, never probes.
+
+Every answer comes from the runner (cached or single-flight run, bounded by probe.timeout) and is itself
+bounded by `probe.timeout` plus a small margin, whatever Triton or the GPU driver does. Request bodies are never
+read. Verbose and JSON formats follow Kubernetes' healthz and the IETF health-check draft.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from datetime import datetime, timezone
+from typing import Any
+
+from aiohttp import web
+
+from probe.checks.base import CheckResult, failed
+from probe.runner import Liveness, Runner
+
+HEALTH_JSON = "application/health+json"
+# Slack over probe.timeout for the answer's own work; the runner already keeps ANSWER_MARGIN back.
+ANSWER_SLACK = 0.05
+
+Hook = Callable[[web.Application], Awaitable[None]]
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def check_json(r: CheckResult) -> dict[str, Any]:
+    d: dict[str, Any] = {"status": r.status, "time": _iso(r.time), "output": r.reason}
+    if r.observed_value is not None:
+        d["observedValue"] = r.observed_value
+    if r.observed_unit is not None:
+        d["observedUnit"] = r.observed_unit
+    d["durationSeconds"] = round(r.duration, 6)
+    return d
+
+
+class Health:
+    """Readiness and liveness views over the runner's results."""
+
+    def __init__(self, runner: Runner, liveness: Liveness, *, timeout: float) -> None:
+        self.runner = runner
+        self.liveness = liveness
+        self.timeout = timeout
+
+    async def results(self) -> dict[str, CheckResult]:
+        try:
+            return await asyncio.wait_for(self.runner.snapshot(), self.timeout + ANSWER_SLACK / 2)
+        except asyncio.TimeoutError:  # pragma: no cover - the runner's budget should make this impossible
+            return {n: failed(n, "probe run did not finish in time") for n in self.runner.names}
+
+    async def ready(self) -> dict[str, CheckResult]:
+        return await self.results()
+
+    async def live(self) -> dict[str, CheckResult]:
+        return self.liveness.verdict(await self.results())
+
+
+def _excluded(request: web.Request) -> list[str]:
+    return request.query.getall("exclude", [])
+
+
+def _wants_json(request: web.Request) -> bool:
+    accept = request.headers.get("Accept", "")
+    return "application/json" in accept or HEALTH_JSON in accept
+
+
+def _aggregate(kind: str, results: dict[str, CheckResult], request: web.Request) -> web.Response:
+    excluded = _excluded(request)
+    shown = {n: r for n, r in results.items() if n not in excluded}
+    ok = all(r.ok for r in shown.values())
+    status = 200 if ok else 503
+    if _wants_json(request):
+        body = {
+            "status": "pass" if ok else "fail",
+            "description": f"{kind} of the Triton server as seen by probe",
+            "checks": {n: [check_json(r)] for n, r in shown.items()},
+        }
+        return web.Response(status=status, text=json.dumps(body), content_type=HEALTH_JSON)
+    if "verbose" not in request.query:
+        return web.Response(status=status, text="ok" if ok else f"{kind} check failed", content_type="text/plain")
+    lines = [f"[+]{n} ok" if r.ok else f"[-]{n} failed: reason withheld" for n, r in shown.items()]
+    unknown = [e for e in excluded if e not in results]
+    if unknown:
+        lines.append(f"warn: some health checks cannot be excluded: no matches for {', '.join(map(repr, unknown))}")
+    lines.append(f"{kind} check passed" if ok else f"{kind} check failed")
+    return web.Response(status=status, text="\n".join(lines) + "\n", content_type="text/plain")
+
+
+def _single(results: dict[str, CheckResult], name: str, request: web.Request) -> web.Response:
+    r = results.get(name)
+    if r is None:
+        return web.Response(status=404, text=f"no check named {name!r}\n", content_type="text/plain")
+    status = 200 if r.ok else 503
+    if _wants_json(request):
+        body = {"status": r.status, "checks": {name: [check_json(r)]}}
+        return web.Response(status=status, text=json.dumps(body), content_type=HEALTH_JSON)
+    text = r.reason if r.ok else f"{name} failed: {r.reason}"
+    return web.Response(status=status, text=text + "\n", content_type="text/plain")
+
+
+def make_app(
+    health: Health,
+    *,
+    metrics: Callable[[], tuple[bytes, str]] | None = None,
+    on_startup: list[Hook] | None = None,
+    on_cleanup: list[Hook] | None = None,
+) -> web.Application:
+    """The aiohttp app: routes only; everything it needs is passed in (no globals)."""
+
+    async def ready(request: web.Request) -> web.Response:
+        return _aggregate("ready", await health.ready(), request)
+
+    async def ready_one(request: web.Request) -> web.Response:
+        return _single(await health.ready(), request.match_info["check"], request)
+
+    async def live(request: web.Request) -> web.Response:
+        return _aggregate("live", await health.live(), request)
+
+    async def live_one(request: web.Request) -> web.Response:
+        name = request.match_info["check"]
+        if name == "ping":  # the sidecar's own liveness: answering is enough, no run is triggered
+            return web.Response(text="ok\n", content_type="text/plain")
+        return _single(await health.live(), name, request)
+
+    async def metrics_view(request: web.Request) -> web.Response:
+        if metrics is None:
+            raise web.HTTPNotFound()
+        body, ctype = metrics()
+        resp = web.Response(body=body)
+        resp.headers["Content-Type"] = ctype
+        return resp
+
+    app = web.Application(client_max_size=1024)
+    app.router.add_get("/ready", ready)
+    app.router.add_get("/ready/{check:.+}", ready_one)
+    app.router.add_get("/live", live)
+    app.router.add_get("/live/{check:.+}", live_one)
+    app.router.add_get("/metrics", metrics_view)
+    for hook in on_startup or []:
+        app.on_startup.append(hook)
+    for hook in on_cleanup or []:
+        app.on_cleanup.append(hook)
+    return app

@@ -1,0 +1,176 @@
+"""Triton datatypes, the canary's fixed input tensors, and the canonical digest of a tensor.
+
+The digest is `xxh3_128` over a canonical encoding: a magic, the datatype, the rank and each dimension, then
+the elements in little-endian C order (BOOL as one byte each; BYTES elements each prefixed by their length as
+a little-endian uint64). Equal tensors always give equal digests; a change of any value, the shape or the
+datatype changes the encoding and therefore the digest.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+import xxhash
+
+from probe.config import CanaryConfig, InputSpec
+
+DIGEST_PREFIX = "xxh3_128:"
+_MAGIC = b"probe-tensor-v1\0"
+
+NUMPY_DTYPES: dict[str, np.dtype[Any]] = {
+    "BOOL": np.dtype(np.bool_),
+    "UINT8": np.dtype("<u1"),
+    "UINT16": np.dtype("<u2"),
+    "UINT32": np.dtype("<u4"),
+    "UINT64": np.dtype("<u8"),
+    "INT8": np.dtype("<i1"),
+    "INT16": np.dtype("<i2"),
+    "INT32": np.dtype("<i4"),
+    "INT64": np.dtype("<i8"),
+    "FP16": np.dtype("<f2"),
+    "FP32": np.dtype("<f4"),
+    "FP64": np.dtype("<f8"),
+    "BYTES": np.dtype(np.object_),
+}
+
+
+class InputError(ValueError):
+    """A canary input cannot be built (unreadable .npy, wrong shape, value out of range)."""
+
+
+def triton_datatype(arr: np.ndarray[Any, Any]) -> str:
+    """The Triton datatype name of a numpy array (object and bytes arrays are BYTES)."""
+    kind = arr.dtype
+    if kind == np.object_ or kind.kind in ("S", "U"):
+        return "BYTES"
+    for name, dt in NUMPY_DTYPES.items():
+        if name != "BYTES" and dt == kind.newbyteorder("<"):
+            return name
+    raise ValueError(f"no Triton datatype for numpy dtype {kind}")
+
+
+def _bytes_element(v: Any) -> bytes:
+    if isinstance(v, bytes):
+        return v
+    if isinstance(v, str):
+        return v.encode("utf-8")
+    if isinstance(v, np.bytes_):
+        return bytes(v)
+    return str(v).encode("utf-8")
+
+
+def canonical_bytes(datatype: str, arr: np.ndarray[Any, Any]) -> Iterable[bytes | memoryview]:
+    """The canonical encoding of a tensor, as chunks (so large tensors are not copied twice)."""
+    shape = tuple(int(d) for d in arr.shape)
+    yield _MAGIC + datatype.encode("ascii") + b"\0" + struct.pack("<I", len(shape))
+    if shape:
+        yield struct.pack(f"<{len(shape)}q", *shape)
+    if datatype == "BYTES":
+        for v in arr.reshape(-1):
+            b = _bytes_element(v)
+            yield struct.pack("<Q", len(b))
+            yield b
+        return
+    dt = NUMPY_DTYPES[datatype]
+    data = np.ascontiguousarray(arr, dtype=np.uint8 if datatype == "BOOL" else dt)
+    yield data.reshape(-1).view(np.uint8).data
+
+
+def digest(datatype: str, arr: np.ndarray[Any, Any]) -> str:
+    """`xxh3_128:<hex>` of the canonical encoding."""
+    h = xxhash.xxh3_128()
+    for chunk in canonical_bytes(datatype, arr):
+        h.update(chunk)
+    return DIGEST_PREFIX + h.hexdigest()
+
+
+def _cast(values: np.ndarray[Any, Any], spec: InputSpec) -> np.ndarray[Any, Any]:
+    dt = NUMPY_DTYPES[spec.datatype]
+    if spec.datatype == "BYTES":
+        out = np.empty(values.shape, dtype=np.object_)
+        flat = values.reshape(-1)
+        for i, v in enumerate(flat):
+            out.reshape(-1)[i] = _bytes_element(v)
+        return out
+    if dt.kind in "iu":
+        info = np.iinfo(dt)
+        num = np.asarray(values)
+        if num.dtype.kind == "f" and not np.all(np.isfinite(num)):
+            raise InputError(f"input {spec.name}: non-finite value for {spec.datatype}")
+        if num.size and (num.min() < info.min or num.max() > info.max):
+            raise InputError(f"input {spec.name}: value out of range for {spec.datatype}")
+        if num.dtype.kind == "f" and not np.all(num == np.floor(num)):
+            raise InputError(f"input {spec.name}: non-integer value for {spec.datatype}")
+    try:
+        return np.asarray(values).astype(dt)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise InputError(f"input {spec.name}: cannot convert to {spec.datatype}: {e}") from None
+
+
+def build_input(spec: InputSpec) -> np.ndarray[Any, Any]:
+    """The fixed tensor for one input spec. Raises `InputError` with a one-line reason."""
+    shape = spec.shape
+    dt = NUMPY_DTYPES[spec.datatype]
+    count = math.prod(shape)
+    if spec.fill == "zeros":
+        if spec.datatype == "BYTES":
+            return _cast(np.full(shape, b"", dtype=np.object_), spec)
+        return np.zeros(shape, dtype=dt)
+    if spec.fill == "ones":
+        return np.ones(shape, dtype=dt)
+    if spec.fill == "value":
+        return _cast(np.full(shape, spec.value, dtype=np.object_ if spec.datatype == "BYTES" else None), spec)
+    if spec.fill == "data":
+        try:
+            values = np.array(spec.data, dtype=np.object_ if spec.datatype == "BYTES" else None)
+        except (TypeError, ValueError) as e:
+            raise InputError(f"input {spec.name}: data is not a regular array: {e}") from None
+        if values.size != count:
+            raise InputError(f"input {spec.name}: data has {values.size} values, shape needs {count}")
+        return _cast(values.reshape(shape), spec)
+    if spec.fill == "random":
+        rng = np.random.default_rng(spec.seed)
+        if spec.datatype == "BOOL":
+            return rng.integers(0, 2, size=shape).astype(np.bool_)
+        if spec.datatype == "BYTES":
+            ints = rng.integers(0, 1_000_000, size=shape)
+            return _cast(ints.astype(str).astype(np.object_), spec)
+        if dt.kind == "f":
+            return rng.random(size=shape, dtype=np.float64).astype(dt)
+        info = np.iinfo(dt)
+        hi = min(int(info.max), 127) + 1
+        return rng.integers(max(int(info.min), -128), hi, size=shape).astype(dt)
+    if spec.fill == "file":
+        assert spec.file is not None
+        try:
+            loaded = np.load(spec.file, allow_pickle=False)
+        except FileNotFoundError:
+            raise InputError(f"input {spec.name}: file {spec.file} not found") from None
+        except (OSError, ValueError) as e:
+            raise InputError(f"input {spec.name}: cannot read {spec.file}: {e}") from None
+        if not isinstance(loaded, np.ndarray):
+            raise InputError(f"input {spec.name}: {spec.file} is not a single .npy array")
+        if tuple(loaded.shape) != shape:
+            raise InputError(
+                f"input {spec.name}: {spec.file} has shape {list(loaded.shape)}, config says {list(shape)}"
+            )
+        return _cast(loaded, spec)
+    raise InputError(f"input {spec.name}: unknown fill {spec.fill!r}")  # pragma: no cover - config prevents it
+
+
+def build_inputs(canary: CanaryConfig) -> dict[str, np.ndarray[Any, Any]]:
+    """Every input tensor of a canary, in config order."""
+    return {spec.name: build_input(spec) for spec in canary.inputs}
+
+
+def input_digest(canary: CanaryConfig, tensors: Mapping[str, np.ndarray[Any, Any]]) -> str:
+    """Digest of what the canary sends: input names, datatypes and the tensors themselves (files included)."""
+    h = xxhash.xxh3_128()
+    for spec in canary.inputs:
+        h.update(spec.name.encode("utf-8") + b"\0")
+        h.update(digest(spec.datatype, tensors[spec.name]).encode("ascii"))
+    return DIGEST_PREFIX + h.hexdigest()

@@ -1,0 +1,226 @@
+"""The probe's only way to talk to Triton: a thin async wrapper over `tritonclient.http.aio`.
+
+Every call raises one of two exceptions with a one-line reason, so checks can turn them into results:
+`TritonUnreachable` (no connection, reset, malformed reply: the server process is in trouble) and
+`TritonRequestError` (Triton answered, with an error). Deadlines are the caller's: cancelling a call (the
+runner's `asyncio.wait_for`) closes its HTTP request, so a timed-out canary is not left queued in the client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import numpy as np
+
+from probe.config import CanaryConfig
+
+
+class TritonUnreachable(Exception):
+    """No usable answer from Triton: connection refused or reset, or a reply that is not Triton's."""
+
+
+class TritonRequestError(Exception):
+    """Triton answered with an error (unknown model, inference failed, bad request)."""
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A model's metadata and the parts of its config that identify how it runs."""
+
+    name: str
+    versions: tuple[str, ...]
+    platform: str
+    backend: str
+    inputs: tuple[TensorMeta, ...]
+    outputs: tuple[TensorMeta, ...]
+
+
+@dataclass(frozen=True)
+class InferOutcome:
+    """What one canary inference returned: output name -> (datatype, tensor), and its wall latency."""
+
+    outputs: dict[str, tuple[str, np.ndarray[Any, Any]]]
+    latency_s: float
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+_EXC_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt): .+")
+
+
+def _reason(e: BaseException) -> str:
+    """One line: the first line of the message, with a backend traceback replaced by its exception line."""
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    if not lines:
+        return type(e).__name__
+    first = lines[0]
+    if "Traceback" in first:
+        head = first.split("Traceback", 1)[0].rstrip(" :")
+        causes = [ln for ln in lines[1:] if _EXC_LINE.match(ln) and "Traceback" not in ln]
+        if causes:
+            return f"{head}: {causes[-1]}"[:500]
+        return head[:500]
+    return first[:500]
+
+
+class TritonClient:
+    """Owns one `tritonclient.http.aio.InferenceServerClient`; open in a startup hook, close in cleanup."""
+
+    def __init__(self, url: str, *, ssl: bool = False, conn_limit: int = 16) -> None:
+        self.url = url
+        self.ssl = ssl
+        self._conn_limit = conn_limit
+        self._client: Any = None
+
+    async def open(self) -> None:
+        import tritonclient.http.aio as aio  # deferred: importing tritonclient is slow and not needed to validate
+
+        if self._client is None:
+            # conn_timeout is only a backstop: the runner's deadline is what bounds every request.
+            self._client = aio.InferenceServerClient(
+                self.url, conn_limit=self._conn_limit, conn_timeout=60.0, ssl=self.ssl
+            )
+
+    async def close(self) -> None:
+        if self._client is not None:
+            client, self._client = self._client, None
+            await client.close()
+
+    async def __aenter__(self) -> TritonClient:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def _c(self) -> Any:
+        if self._client is None:
+            raise RuntimeError("TritonClient used before open()")
+        return self._client
+
+    async def _call(self, what: str, coro: Any) -> Any:
+        from tritonclient.utils import InferenceServerException
+
+        try:
+            return await coro
+        except InferenceServerException as e:
+            raise TritonRequestError(f"{what}: {_reason(e)}") from None
+        except (aiohttp.ClientConnectionError, ConnectionError) as e:
+            raise TritonUnreachable(f"{what}: cannot connect to Triton at {self.url}: {_reason(e)}") from None
+        except (aiohttp.ClientError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+            # A reply that is not Triton's (a proxy error page, malformed JSON): treat as unreachable.
+            raise TritonUnreachable(f"{what}: malformed reply from {self.url}: {_reason(e)}") from None
+        except asyncio.TimeoutError:
+            raise TritonUnreachable(f"{what}: Triton at {self.url} did not answer") from None
+
+    async def live(self) -> bool:
+        return bool(await self._call("server live", self._c.is_server_live()))
+
+    async def ready(self) -> bool:
+        return bool(await self._call("server ready", self._c.is_server_ready()))
+
+    async def server_metadata(self) -> dict[str, Any]:
+        meta = await self._call("server metadata", self._c.get_server_metadata())
+        if not isinstance(meta, dict):
+            raise TritonUnreachable(f"server metadata: malformed reply from {self.url}")
+        return meta
+
+    async def model_ready(self, model: str, version: str = "") -> bool:
+        return bool(await self._call(f"model {model} ready", self._c.is_model_ready(model, version)))
+
+    async def model_info(self, model: str, version: str = "") -> ModelInfo:
+        meta = await self._call(f"model {model} metadata", self._c.get_model_metadata(model, version))
+        cfg = await self._call(f"model {model} config", self._c.get_model_config(model, version))
+        try:
+
+            def tensors(items: Any) -> tuple[TensorMeta, ...]:
+                return tuple(
+                    TensorMeta(str(t["name"]), str(t["datatype"]), tuple(int(d) for d in t["shape"]))
+                    for t in items or ()
+                )
+
+            return ModelInfo(
+                name=str(meta.get("name", model)),
+                versions=tuple(str(v) for v in meta.get("versions", ())),
+                platform=str(cfg.get("platform") or meta.get("platform") or ""),
+                backend=str(cfg.get("backend") or ""),
+                inputs=tensors(meta.get("inputs")),
+                outputs=tensors(meta.get("outputs")),
+            )
+        except (AttributeError, KeyError, TypeError, ValueError) as e:
+            raise TritonUnreachable(f"model {model} metadata: malformed reply: {_reason(e)}") from None
+
+    async def statistics(self, model: str, version: str = "") -> dict[str, Any]:
+        stats = await self._call(f"model {model} statistics", self._c.get_inference_statistics(model, version))
+        return stats if isinstance(stats, dict) else {}
+
+    async def infer(
+        self, canary: CanaryConfig, inputs: dict[str, np.ndarray[Any, Any]], outputs: tuple[str, ...] | None
+    ) -> InferOutcome:
+        """One inference of the canary's fixed inputs; outputs=None asks for every output."""
+        import tritonclient.http as http
+
+        req_inputs = []
+        for spec in canary.inputs:
+            arr = inputs[spec.name]
+            inp = http.InferInput(spec.name, list(arr.shape), spec.datatype)
+            inp.set_data_from_numpy(arr, binary_data=True)
+            req_inputs.append(inp)
+        req_outputs = [http.InferRequestedOutput(o, binary_data=True) for o in outputs] if outputs else None
+        start = time.perf_counter()
+        result = await self._call(
+            f"canary {canary.name} inference",
+            self._c.infer(canary.model, req_inputs, model_version=canary.version, outputs=req_outputs),
+        )
+        latency = time.perf_counter() - start
+        got: dict[str, tuple[str, np.ndarray[Any, Any]]] = {}
+        try:
+            for out in result.get_response().get("outputs", []):
+                arr = result.as_numpy(out["name"])
+                if arr is None:
+                    continue
+                got[str(out["name"])] = (str(out["datatype"]), np.asarray(arr))
+        except (KeyError, TypeError, ValueError) as e:
+            raise TritonUnreachable(f"canary {canary.name} inference: malformed reply: {_reason(e)}") from None
+        return InferOutcome(outputs=got, latency_s=latency)
+
+
+def input_mismatches(canary: CanaryConfig, info: ModelInfo) -> list[str]:
+    """Where the canary's inputs disagree with the model's metadata (names, datatypes, shapes with -1 dims)."""
+    problems: list[str] = []
+    model_inputs = {t.name: t for t in info.inputs}
+    for spec in canary.inputs:
+        meta = model_inputs.get(spec.name)
+        if meta is None:
+            have = ", ".join(model_inputs) or "none"
+            problems.append(f"input {spec.name} is not an input of model {canary.model} (it has {have})")
+            continue
+        if meta.datatype != spec.datatype:
+            problems.append(f"input {spec.name} datatype {spec.datatype} != model's {meta.datatype}")
+        if len(meta.shape) != len(spec.shape) or any(
+            m != -1 and m != s for m, s in zip(meta.shape, spec.shape, strict=False)
+        ):
+            problems.append(f"input {spec.name} shape {list(spec.shape)} does not fit model's {list(meta.shape)}")
+    given = {s.name for s in canary.inputs}
+    for name in model_inputs:
+        if name not in given:
+            problems.append(f"model {canary.model} input {name} has no canary input")
+    if canary.outputs:
+        model_outputs = {t.name for t in info.outputs}
+        for o in canary.outputs:
+            if o not in model_outputs:
+                problems.append(f"output {o} is not an output of model {canary.model}")
+    return problems
