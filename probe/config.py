@@ -261,7 +261,7 @@ def _type_name(v: Any) -> str:
 class _Section:
     """Reads one YAML mapping, tracking which keys were used so leftovers are reported as unknown."""
 
-    def __init__(self, raw: Any, path: str) -> None:
+    def __init__(self, raw: Any, path: str, keys: tuple[str, ...]) -> None:
         if raw is None:
             raw = {}
         if not isinstance(raw, Mapping):
@@ -269,9 +269,11 @@ class _Section:
         for key in raw:
             if not isinstance(key, str):
                 raise ConfigError(f"{self._join(path, str(key))}: keys must be strings")
+            # Unknown keys first: a misspelt key explains a "required" error that would otherwise follow.
+            if key not in keys:
+                raise ConfigError(f"{self._join(path, key)}: unknown key")
         self.raw = raw
         self.path = path
-        self.used: set[str] = set()
 
     @staticmethod
     def _join(path: str, key: str) -> str:
@@ -284,7 +286,6 @@ class _Section:
         return key in self.raw
 
     def get(self, key: str, default: Any = None) -> Any:
-        self.used.add(key)
         return self.raw.get(key, default)
 
     def number(self, key: str, default: float, *, positive: bool = False, allow_zero: bool = True) -> float:
@@ -305,13 +306,8 @@ class _Section:
             raise ConfigError(f"{self.where(key)}: expected one of {', '.join(choices)}, got {v!r}")
         return v
 
-    def sub(self, key: str) -> _Section:
-        return _Section(self.get(key), self.where(key))
-
-    def finish(self) -> None:
-        for key in self.raw:
-            if key not in self.used:
-                raise ConfigError(f"{self.where(key)}: unknown key")
+    def sub(self, key: str, keys: tuple[str, ...]) -> _Section:
+        return _Section(self.get(key), self.where(key), keys)
 
 
 def _parse_url(raw: str, where: str) -> tuple[str, bool]:
@@ -351,7 +347,7 @@ def _shape(raw: Any, where: str) -> tuple[int, ...]:
 
 
 def _parse_input(raw: Any, where: str, base: Path) -> InputSpec:
-    s = _Section(raw, where)
+    s = _Section(raw, where, ("name", "datatype", "shape", "fill"))
     if not s.has("name"):
         raise ConfigError(f"{where}.name: required")
     name = s.string("name", "")
@@ -378,11 +374,10 @@ def _parse_input(raw: Any, where: str, base: Path) -> InputSpec:
                 raise ConfigError(f"{fw}.value: expected a scalar, got {_type_name(arg)}")
             spec = InputSpec(name, datatype, shape, "value", value=arg)
         elif kind == "random":
-            rs = _Section(arg, f"{fw}.random")
+            rs = _Section(arg, f"{fw}.random", ("seed",))
             seed = rs.get("seed", 0)
             if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
                 raise ConfigError(f"{fw}.random.seed: expected an integer >= 0, got {seed!r}")
-            rs.finish()
             spec = InputSpec(name, datatype, shape, "random", seed=seed)
         elif kind == "file":
             if not isinstance(arg, str) or not arg:
@@ -399,7 +394,6 @@ def _parse_input(raw: Any, where: str, base: Path) -> InputSpec:
             f"{fw}: expected zeros, ones, {{value: V}}, {{random: {{seed: S}}}}, {{file: F}} or {{data: [...]}}, "
             f"got {fill_raw!r}"
         )
-    s.finish()
     if datatype == "BYTES" and spec.fill in ("ones",):
         raise ConfigError(f"{fw}: 'ones' has no meaning for BYTES; use {{value: ...}} or {{data: [...]}}")
     if spec.fill == "data":
@@ -420,7 +414,7 @@ def _flatten(data: Any) -> list[Any]:
 
 
 def _parse_canary(raw: Any, where: str, base: Path, probe: ProbeConfig) -> CanaryConfig:
-    s = _Section(raw, where)
+    s = _Section(raw, where, ("name", "model", "version", "inputs", "outputs", "timeout", "compare", "latency"))
     if not s.has("name"):
         raise ConfigError(f"{where}.name: required")
     name = _check_name(s.get("name"), s.where("name"), "canary name")
@@ -449,23 +443,18 @@ def _parse_canary(raw: Any, where: str, base: Path, probe: ProbeConfig) -> Canar
         if len(set(out_raw)) != len(out_raw):
             raise ConfigError(f"{s.where('outputs')}: output names must be unique")
         outputs = tuple(out_raw)
-    else:
-        s.get("outputs")
     timeout: float | None = None
     if s.has("timeout") and s.raw["timeout"] is not None:
         timeout = s.number("timeout", 0.0, positive=True)
         if timeout > probe.timeout:
             raise ConfigError(f"{s.where('timeout')}: {timeout:g} exceeds probe.timeout {probe.timeout:g}")
-    else:
-        s.get("timeout")
-    cs = s.sub("compare")
+    cs = s.sub("compare", ("mode", "rtol", "atol"))
     compare = CompareConfig(
         mode=cs.string("mode", "exact", choices=("exact", "tolerance")),
         rtol=cs.number("rtol", 1e-5),
         atol=cs.number("atol", 1e-6),
     )
-    cs.finish()
-    ls = s.sub("latency")
+    ls = s.sub("latency", ("max_ms", "drift", "window"))
     max_ms = ls.number("max_ms", 0.0, positive=True) if ls.has("max_ms") else None
     drift = ls.number("drift", 0.0, positive=True) if ls.has("drift") else None
     if drift is not None and drift < 1.0:
@@ -473,8 +462,6 @@ def _parse_canary(raw: Any, where: str, base: Path, probe: ProbeConfig) -> Canar
     window_raw = ls.get("window", 5)
     if isinstance(window_raw, bool) or not isinstance(window_raw, int) or not 1 <= window_raw <= 1000:
         raise ConfigError(f"{ls.where('window')}: expected an integer between 1 and 1000, got {window_raw!r}")
-    ls.finish()
-    s.finish()
     return CanaryConfig(
         name=name,
         model=model,
@@ -508,21 +495,19 @@ def _parse_devices(raw: Any, where: str) -> tuple[str, ...] | None:
 def parse_config(raw: Any, path: Path) -> Config:
     """Build a `Config` from decoded YAML; `path` is the file it came from (relative paths resolve next to it)."""
     base = path.parent
-    top = _Section(raw, "")
+    top = _Section(raw, "", ("triton", "listen", "probe", "liveness", "gpu", "golden_dir", "canaries"))
 
-    ts = top.sub("triton")
+    ts = top.sub("triton", ("url", "metrics_url"))
     url, ssl = _parse_url(ts.string("url", TritonConfig.url), ts.where("url"))
     metrics_url = ts.string("metrics_url", "")
-    ts.finish()
 
-    ls = top.sub("listen")
+    ls = top.sub("listen", ("host", "port"))
     host = ls.string("host", ListenConfig.host)
     port = ls.get("port", ListenConfig.port)
     if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port < 65536:
         raise ConfigError(f"{ls.where('port')}: expected a port number 0-65535, got {port!r}")
-    ls.finish()
 
-    ps = top.sub("probe")
+    ps = top.sub("probe", ("timeout", "min_interval", "interval", "drain", "hang_backoff"))
     probe = ProbeConfig(
         timeout=ps.number("timeout", ProbeConfig.timeout, positive=True),
         min_interval=ps.number("min_interval", ProbeConfig.min_interval),
@@ -530,16 +515,14 @@ def parse_config(raw: Any, path: Path) -> Config:
         drain=ps.number("drain", ProbeConfig.drain),
         hang_backoff=ps.number("hang_backoff", ProbeConfig.hang_backoff),
     )
-    ps.finish()
 
-    lv = top.sub("liveness")
+    lv = top.sub("liveness", ("after", "startup"))
     liveness = LivenessConfig(
         after=lv.number("after", LivenessConfig.after),
         startup=lv.number("startup", LivenessConfig.startup),
     )
-    lv.finish()
 
-    gs = top.sub("gpu")
+    gs = top.sub("gpu", ("source", "devices", "min_free", "interval", "stale_after", "metrics_url", "trend_window"))
     min_free = _parse_min_free(gs.get("min_free", "2GiB"), gs.where("min_free"))
     gpu = GpuConfig(
         source=gs.string("source", GpuConfig.source, choices=("nvml", "triton-metrics", "none")),
@@ -550,7 +533,6 @@ def parse_config(raw: Any, path: Path) -> Config:
         metrics_url=gs.string("metrics_url", ""),
         trend_window=gs.number("trend_window", GpuConfig.trend_window, positive=True),
     )
-    gs.finish()
 
     golden_raw = top.get("golden_dir", "golden")
     if not isinstance(golden_raw, str) or not golden_raw:
@@ -575,7 +557,6 @@ def parse_config(raw: Any, path: Path) -> Config:
         if golden.parent != golden_dir:  # pragma: no cover - NAME_RE already prevents it; kept as a guard
             raise ConfigError(f"canaries[{i}].name: {canary.name!r} would escape golden_dir")
         canaries.append(canary)
-    top.finish()
     return Config(
         path=path,
         triton=TritonConfig(url=url, ssl=ssl, metrics_url=metrics_url),

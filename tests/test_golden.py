@@ -1,0 +1,185 @@
+"""Golden files: read/write, atomic writes that fail part-way, corrupt files, comparison reasons."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from probe.config import CompareConfig
+from probe.golden import (
+    Golden,
+    GoldenError,
+    LatencyBaseline,
+    OutputGolden,
+    Record,
+    check_golden_for,
+    compare_outputs,
+    load_golden,
+    write_golden,
+)
+from probe.tensors import digest
+
+ENV_A = {
+    "gpus": ["NVIDIA A100-SXM4-80GB"],
+    "driver": "535.104.05",
+    "cuda_driver": "12.2",
+    "triton": "2.51.0",
+    "platform": "",
+    "backend": "onnxruntime",
+}
+ENV_B = {**ENV_A, "driver": "550.54.15", "cuda_driver": "12.4"}
+
+
+def probs(delta: float = 0.0) -> np.ndarray:
+    return (np.linspace(0.0, 1.0, 10, dtype=np.float32) + np.float32(delta)).reshape(1, 10)
+
+
+def record(env: dict, arr: np.ndarray, tensors: bool = False) -> Record:
+    return Record(
+        environment=env,
+        recorded_at="2026-11-01T00:00:00Z",
+        tool_version="0.1.0",
+        outputs={"y": OutputGolden("FP32", tuple(arr.shape), digest("FP32", arr))},
+        latency=LatencyBaseline.from_samples([0.010, 0.012, 0.011]),
+        tensors=tensors,
+    )
+
+
+def golden(*records: Record, mode: str = "exact", tensors: dict | None = None) -> Golden:
+    return Golden("c", "m", "", "xxh3_128:" + "0" * 32, mode, records, tensors or {})
+
+
+def test_round_trip_keeps_every_field(tmp_path: Path) -> None:
+    g = golden(record(ENV_A, probs()), record(ENV_B, probs(1.0)))
+    write_golden(tmp_path / "c.json", g)
+    back = load_golden(tmp_path / "c.json")
+    assert back.records == g.records
+    raw = json.loads((tmp_path / "c.json").read_text())
+    assert raw["format"] == 1 and raw["records"][0]["latency"]["median_ms"] == 11.0
+    assert raw["records"][0]["outputs"]["y"]["digest"].startswith("xxh3_128:")
+
+
+def test_tolerance_tensors_round_trip(tmp_path: Path) -> None:
+    rec = record(ENV_A, probs(), tensors=True)
+    g = golden(rec, mode="tolerance", tensors={f"{rec.record_id}/y": probs()})
+    write_golden(tmp_path / "c.json", g)
+    back = load_golden(tmp_path / "c.json")
+    np.testing.assert_array_equal(back.tensors[f"{rec.record_id}/y"], probs())
+    (tmp_path / "c.npz").write_bytes(b"garbage")
+    with pytest.raises(GoldenError, match="corrupt golden tensors"):
+        load_golden(tmp_path / "c.json")
+    (tmp_path / "c.npz").unlink()
+    with pytest.raises(GoldenError, match="golden tensors missing"):
+        load_golden(tmp_path / "c.json")
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("{not json", "corrupt golden file"),
+        ("[]", "corrupt golden file: expected a JSON object"),
+        ('{"format": 99}', "unsupported golden format 99"),
+        ('{"format": 1, "records": []}', "holds no records"),
+        ('{"format": 1, "records": [{"outputs": {}}], "compare": "exact"}', "records\\[0\\]: no outputs"),
+    ],
+)
+def test_corrupt_golden_is_one_clear_error(tmp_path: Path, content: str, message: str) -> None:
+    (tmp_path / "c.json").write_text(content)
+    with pytest.raises(GoldenError, match=message) as err:
+        load_golden(tmp_path / "c.json")
+    assert "\n" not in str(err.value)
+
+
+def test_missing_golden_says_how_to_record(tmp_path: Path) -> None:
+    with pytest.raises(GoldenError, match="golden file missing; record it with `probe record`"):
+        load_golden(tmp_path / "c.json")
+
+
+def test_changed_input_invalidates_golden(tmp_path: Path) -> None:
+    g = golden(record(ENV_A, probs()))
+    with pytest.raises(GoldenError, match="recorded for different canary inputs"):
+        check_golden_for(g, "c", "xxh3_128:" + "1" * 32, "exact", tmp_path / "c.json")
+    with pytest.raises(GoldenError, match="recorded in exact mode without tensors"):
+        check_golden_for(g, "c", g.input_digest, "tolerance", tmp_path / "c.json")
+
+
+def _failing_write(tmp_path: Path, limit: int) -> subprocess.CompletedProcess[str]:
+    """Rewrite the golden in a child whose file-size limit is `limit` bytes (a full disk, in effect)."""
+    code = (
+        "import sys; from pathlib import Path\n"
+        "from probe.golden import load_golden, write_golden, Golden\n"
+        "g = load_golden(Path(sys.argv[1]))\n"
+        "big = Golden(**{**g.__dict__, 'canary': 'x' * 100000})\n"
+        "write_golden(Path(sys.argv[1]), big)\n"
+    )
+
+    def limit_size() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "c.json")],
+        capture_output=True,
+        text=True,
+        preexec_fn=limit_size,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+        timeout=60,
+    )
+
+
+def test_write_failing_part_way_leaves_old_file_and_no_temp(tmp_path: Path) -> None:
+    write_golden(tmp_path / "c.json", golden(record(ENV_A, probs())))
+    before = (tmp_path / "c.json").read_bytes()
+    proc = _failing_write(tmp_path, limit=8192)
+    assert proc.returncode != 0 and "File too large" in proc.stderr
+    assert (tmp_path / "c.json").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.json"]
+
+
+def test_exact_compare_reasons() -> None:
+    g = golden(record(ENV_A, probs()))
+    ok = compare_outputs(g, {"y": ("FP32", probs())}, CompareConfig())
+    assert ok.ok and ok.reason == "ok"
+    wrong = compare_outputs(g, {"y": ("FP32", probs(0.5))}, CompareConfig())
+    assert (
+        not wrong.ok and wrong.reason.startswith("output y digest xxh3_128:") and "!= golden xxh3_128:" in wrong.reason
+    )
+    assert compare_outputs(g, {"y": ("FP64", probs().astype(np.float64))}, CompareConfig()).reason == (
+        "output y datatype FP64 != golden FP32"
+    )
+    assert compare_outputs(g, {"y": ("FP32", probs().reshape(10))}, CompareConfig()).reason == (
+        "output y shape [10] != golden [1, 10]"
+    )
+    assert compare_outputs(g, {}, CompareConfig()).reason == "output y missing from the response"
+
+
+def test_any_record_matches_and_mismatch_names_environments() -> None:
+    g = golden(record(ENV_A, probs()), record(ENV_B, probs(1.0)))
+    assert compare_outputs(g, {"y": ("FP32", probs(1.0))}, CompareConfig()).ok
+    here = {**ENV_A, "driver": "560.28.03", "cuda_driver": "12.6"}
+    res = compare_outputs(g, {"y": ("FP32", probs(2.0))}, CompareConfig(), here)
+    assert not res.ok
+    assert "golden recorded on driver 535.104.05 / CUDA 12.2 / GPU NVIDIA A100-SXM4-80GB" in res.reason
+    assert "driver 550.54.15 / CUDA 12.4" in res.reason
+    assert "this node is driver 560.28.03 / CUDA 12.6 / GPU NVIDIA A100-SXM4-80GB / Triton 2.51.0" in res.reason
+
+
+def test_tolerance_accepts_small_drift_and_rejects_large() -> None:
+    rec = record(ENV_A, probs(), tensors=True)
+    g = golden(rec, mode="tolerance", tensors={f"{rec.record_id}/y": probs()})
+    cmp = CompareConfig(mode="tolerance", rtol=1e-5, atol=1e-6)
+    small = compare_outputs(g, {"y": ("FP32", probs(1e-7))}, cmp)
+    assert small.ok and small.max_abs_error is not None and small.max_abs_error < 1e-6
+    assert small.reason.startswith("ok (max abs error")
+    large = compare_outputs(g, {"y": ("FP32", probs(1e-2))}, cmp)
+    assert not large.ok
+    assert (
+        large.reason.startswith("output y max abs error 0.01")
+        and "exceeds tolerance rtol 1e-05 atol 1e-06" in large.reason
+    )
