@@ -176,8 +176,7 @@ async def _check(cfg: Config, *, only: str | None, as_json: bool) -> int:
         for p in problems:
             _err(p)
         return EXIT_USAGE
-    sidecar.runner.interval = 0  # one-shot: no background loop
-    await sidecar.start()
+    await sidecar.start(background=False)
     try:
         down = await _triton_live(sidecar)
         if down is not None:
@@ -284,7 +283,6 @@ async def _serve_async(cfg: Config, logger: logging.Logger) -> int:
 
     async def on_startup(_: web.Application) -> None:
         await sidecar.start()
-        sidecar.spawn(sidecar.publish_environment())
 
     async def on_cleanup(_: web.Application) -> None:
         await sidecar.stop()

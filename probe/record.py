@@ -1,9 +1,9 @@
 """Recording golden files from the live server.
 
-The canary runs `runs` times; in exact mode every run must give identical outputs (else the model is not
-deterministic on this input and recording is refused); in tolerance mode the runs must agree within the
-tolerance and the first run's tensors are stored. A record is per environment fingerprint: a new environment
-adds a record, an existing one is replaced only with `force`.
+After one unrecorded warm-up inference the canary runs `runs` times; in exact mode every run must give
+identical outputs (else the model is not deterministic on this input and recording is refused); in tolerance
+mode the runs must agree within the tolerance and the first run's tensors are stored. A record is per
+environment fingerprint: a new environment adds a record, an existing one is replaced only with `force`.
 """
 
 from __future__ import annotations
@@ -89,6 +89,9 @@ async def record_canary(
         raise RecordRefused(f"canary {canary.name} does not fit the model: " + "; ".join(problems))
     env = await environment.fingerprint(canary.model, canary.version)
 
+    # One unrecorded warm-up first: the first request pays for connection setup and cold caches, which would
+    # inflate the latency baseline that drift is judged against.
+    await asyncio.wait_for(client.infer(canary, inputs, canary.outputs), RECORD_RUN_TIMEOUT)
     outcomes: list[InferOutcome] = []
     for _ in range(runs):
         outcomes.append(await asyncio.wait_for(client.infer(canary, inputs, canary.outputs), RECORD_RUN_TIMEOUT))

@@ -27,6 +27,7 @@ from probe.config import Config, derived_metrics_url
 from probe.environment import EnvironmentProbe
 from probe.logs import StateLogger
 from probe.metrics import Metrics
+from probe.queue import QueueWatcher
 from probe.runner import Liveness, Run, Runner
 from probe.server import Health
 from probe.triton import TritonClient
@@ -43,23 +44,33 @@ class Sidecar:
     health: Health
     environment: EnvironmentProbe
     gpu_source: Any = None
+    queue: QueueWatcher | None = None
     canary_checks: list[CanaryCheck] = field(default_factory=list)
     _session: aiohttp.ClientSession | None = None
     _tasks: set[asyncio.Future[Any]] = field(default_factory=set)
 
-    async def start(self) -> None:
+    async def start(self, *, background: bool = True) -> None:
+        """Open clients and start the GPU sampler; with `background`, also the periodic runs and watchers."""
         await self.client.open()
+        self._session = aiohttp.ClientSession()
         if self.gpu_source is not None:
             if self.cfg.gpu.source == "triton-metrics":
-                self._session = aiohttp.ClientSession()
                 await self.gpu_source.start(self._session)
             else:
                 self.gpu_source.start()
-        self.runner.start()
+        if background:
+            self.runner.start()
+            if self.queue is not None:
+                self.spawn(self.queue.run(self._session))
+            self.spawn(self.publish_environment())
 
     async def stop(self) -> None:
-        for t in list(self._tasks):
+        tasks = list(self._tasks)
+        for t in tasks:
             t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
         await self.runner.stop()
         if self.gpu_source is not None:
             if self.cfg.gpu.source == "triton-metrics":
@@ -86,12 +97,16 @@ class Sidecar:
         task.add_done_callback(self._tasks.discard)
 
     async def publish_environment(self) -> None:
+        """Export probe_environment_info once Triton answers (retried until it does)."""
         if not self.cfg.canaries:
             return
         c = self.cfg.canaries[0]
-        with contextlib.suppress(Exception):
-            env = await self.environment.fingerprint(c.model, c.version)
-            self.metrics.set_environment(env)
+        while True:
+            with contextlib.suppress(Exception):
+                env = await asyncio.wait_for(self.environment.fingerprint(c.model, c.version), 5.0)
+                self.metrics.set_environment(env)
+                return
+            await asyncio.sleep(10.0)
 
 
 def build_sidecar(
@@ -107,6 +122,7 @@ def build_sidecar(
     client = TritonClient(cfg.triton.url, ssl=cfg.triton.ssl)
     lifecycle = Lifecycle()
     gpu_source: Any = None
+    queue: QueueWatcher | None = None
     nvml_reader = None
     if visible_devices is None:
         visible_devices = os.environ.get("NVIDIA_VISIBLE_DEVICES")
@@ -164,7 +180,10 @@ def build_sidecar(
         metrics.live.set(1.0 if all(r.ok for r in liveness.verdict(run.results).values()) else 0.0)
 
     runner.add_listener(gauges)
+    models = sorted({(c.model, c.version) for c in cfg.canaries})
+    queue = QueueWatcher(client, models, metrics, derived_metrics_url(cfg), period=cfg.probe.interval or 10.0)
     return Sidecar(
+        queue=queue if models else None,
         cfg=cfg,
         client=client,
         runner=runner,

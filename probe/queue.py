@@ -1,0 +1,92 @@
+"""Triton's own queue signal for each canary's model, exported so KEDA or an HPA can scale on it.
+
+Off the probe path: a background task owned by the sidecar polls `/v2/models/<m>/stats` (mean queue time per
+request since the previous poll, from the counters' deltas) and Triton's metrics endpoint
+(`nv_inference_pending_request_count`). A failed poll leaves the gauges as they were and is retried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+
+from probe.metrics import Metrics
+from probe.triton import TritonClient, TritonRequestError, TritonUnreachable
+
+
+@dataclass
+class _Counter:
+    count: int = 0
+    ns: int = 0
+
+
+def queue_totals(stats: dict[str, Any]) -> tuple[int, int]:
+    """(requests that waited in the queue, total nanoseconds waited) summed over a model's versions."""
+    count = ns = 0
+    for entry in stats.get("model_stats", []):
+        q = entry.get("inference_stats", {}).get("queue", {})
+        count += int(q.get("count", 0))
+        ns += int(q.get("ns", 0))
+    return count, ns
+
+
+def pending_requests(metrics_text: str, models: set[str]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(metrics_text):
+        if family.name != "nv_inference_pending_request_count":
+            continue
+        for s in family.samples:
+            model = s.labels.get("model", "")
+            if model in models:
+                out[model] = out.get(model, 0.0) + float(s.value)
+    return out
+
+
+class QueueWatcher:
+    """Polls the queue signal every `period` seconds while the sidecar runs."""
+
+    def __init__(
+        self, client: TritonClient, models: list[tuple[str, str]], metrics: Metrics, metrics_url: str, period: float
+    ) -> None:
+        self._client = client
+        self._models = models
+        self._metrics = metrics
+        self._metrics_url = metrics_url
+        self.period = period
+        self._last: dict[str, _Counter] = {}
+
+    async def poll_once(self, session: aiohttp.ClientSession | None) -> None:
+        for model, version in self._models:
+            try:
+                count, ns = queue_totals(await self._client.statistics(model, version))
+            except (TritonUnreachable, TritonRequestError):
+                continue
+            prev = self._last.get(model)
+            self._last[model] = _Counter(count, ns)
+            if prev is not None and count >= prev.count:
+                waited = count - prev.count
+                self._metrics.queue_time.labels(model).set((ns - prev.ns) / waited / 1e9 if waited else 0.0)
+        if session is None:
+            return
+        try:
+            timeout = aiohttp.ClientTimeout(total=min(self.period, 2.0))
+            async with session.get(self._metrics_url, timeout=timeout) as resp:
+                if resp.status != 200:
+                    return
+                text = await resp.text()
+        except (aiohttp.ClientError, asyncio.TimeoutError, UnicodeDecodeError):
+            return
+        with contextlib.suppress(ValueError):
+            for model, value in pending_requests(text, {m for m, _ in self._models}).items():
+                self._metrics.queue_pending.labels(model).set(value)
+
+    async def run(self, session: aiohttp.ClientSession | None) -> None:
+        while True:
+            with contextlib.suppress(Exception):  # observability must never take the sidecar down
+                await asyncio.wait_for(self.poll_once(session), max(self.period, 1.0))
+            await asyncio.sleep(self.period)
