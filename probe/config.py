@@ -8,6 +8,7 @@ Relative paths are resolved against the directory of the config file.
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -537,7 +538,9 @@ def parse_config(raw: Any, path: Path) -> Config:
     golden_raw = top.get("golden_dir", "golden")
     if not isinstance(golden_raw, str) or not golden_raw:
         raise ConfigError(f"golden_dir: expected a directory path, got {golden_raw!r}")
-    golden_dir = (base / golden_raw).resolve()
+    # normpath, not resolve(): a ConfigMap file is a symlink into a timestamped directory the kubelet replaces
+    # on every update; resolving it would pin golden_dir to a directory that later disappears.
+    golden_dir = Path(os.path.normpath(base / golden_raw))
 
     canaries_raw = top.get("canaries", [])
     if canaries_raw is None:
@@ -553,7 +556,7 @@ def parse_config(raw: Any, path: Path) -> Config:
                 f"canaries[{i}].name: duplicate canary name {canary.name!r} (also canaries[{names[canary.name]}])"
             )
         names[canary.name] = i
-        golden = (golden_dir / f"{canary.name}.json").resolve()
+        golden = Path(os.path.normpath(golden_dir / f"{canary.name}.json"))
         if golden.parent != golden_dir:  # pragma: no cover - NAME_RE already prevents it; kept as a guard
             raise ConfigError(f"canaries[{i}].name: {canary.name!r} would escape golden_dir")
         canaries.append(canary)
@@ -589,7 +592,7 @@ def load_config(path: str | Path) -> Config:
         raise ConfigError(f"{p}: invalid YAML: nested too deeply") from None
     if raw is None:
         raw = {}
-    return parse_config(raw, p.resolve())
+    return parse_config(raw, Path(os.path.normpath(p.absolute())))
 
 
 def derived_metrics_url(cfg: Config) -> str:

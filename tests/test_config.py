@@ -47,8 +47,8 @@ def test_defaults_and_relative_paths(tmp_path: Path) -> None:
     assert cfg.liveness.after == 60.0
     assert cfg.gpu.source == "nvml" and cfg.gpu.devices is None
     assert cfg.gpu.min_free.threshold(80 * 1024**3) == 2 * 1024**3
-    assert cfg.golden_dir == (sub / "golden").resolve()
-    assert cfg.golden_path("resnet") == (sub / "golden" / "resnet.json").resolve()
+    assert cfg.golden_dir == sub / "golden"
+    assert cfg.golden_path("resnet") == sub / "golden" / "resnet.json"
     spec = cfg.canaries[0].inputs[0]
     assert spec.datatype == "FP32"
     assert spec.file == sub / "inputs" / "x.npy"
@@ -125,3 +125,15 @@ def test_usage_errors_exit_1_with_one_line(tmp_path: Path) -> None:
     proc = run_cli("record", "-c", str(tmp_path / "x.yaml"), "--runs", "0")
     assert proc.returncode == 1
     assert proc.stderr.strip() == "probe: usage error: --runs must be at least 1, got 0"
+
+
+def test_configmap_symlinks_are_not_resolved(tmp_path: Path) -> None:
+    """A ConfigMap mounts files as symlinks into a `..<timestamp>` directory the kubelet swaps on update:
+    golden_dir must stay relative to the mount point, not to the directory that will be deleted."""
+    data = tmp_path / "..2026_11_22_10_00_00.123"
+    data.mkdir()
+    (data / "probe.yaml").write_text("golden_dir: .\n")
+    (tmp_path / "..data").symlink_to(data.name)
+    (tmp_path / "probe.yaml").symlink_to("..data/probe.yaml")
+    cfg = load_config(tmp_path / "probe.yaml")
+    assert cfg.golden_dir == tmp_path
