@@ -55,6 +55,20 @@ class ConfigError(ValueError):
     """A configuration problem; the message names the key path and what was expected."""
 
 
+def _finite(v: float) -> bool:
+    """math.isfinite, but False (not OverflowError) for an integer beyond the float range."""
+    try:
+        return math.isfinite(v)
+    except OverflowError:
+        return False
+
+
+def _key(key: str) -> str:
+    """A key as printed in a key path: quoted when it holds a line break or control character, so every
+    message stays on one line."""
+    return key if key.isprintable() else repr(key)
+
+
 # ---------------------------------------------------------------------------------------------- objects
 
 
@@ -230,7 +244,10 @@ def parse_size(text: Any, where: str) -> int:
         m = _SIZE_RE.match(text)
         if m:
             unit = (m.group(2) or "B").lower()
-            return int(float(m.group(1)) * _SIZE_UNITS[unit])
+            size = float(m.group(1)) * _SIZE_UNITS[unit]
+            if not math.isfinite(size):
+                raise ConfigError(f"{where}: size too large, got {text!r}")
+            return int(size)
     raise ConfigError(f"{where}: expected a size like 2GiB, 512MiB or a byte count, got {text!r}")
 
 
@@ -278,7 +295,7 @@ class _Section:
 
     @staticmethod
     def _join(path: str, key: str) -> str:
-        return f"{path}.{key}" if path else key
+        return f"{path}.{_key(key)}" if path else _key(key)
 
     def where(self, key: str) -> str:
         return self._join(self.path, key)
@@ -291,7 +308,7 @@ class _Section:
 
     def number(self, key: str, default: float, *, positive: bool = False, allow_zero: bool = True) -> float:
         v = self.get(key, default)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not _finite(v):
             raise ConfigError(f"{self.where(key)}: expected a number of seconds, got {v!r}")
         if v < 0 or (v == 0 and not allow_zero) or (positive and v <= 0):
             raise ConfigError(f"{self.where(key)}: must be {'positive' if positive else 'zero or more'}, got {v}")
@@ -315,7 +332,10 @@ def _parse_url(raw: str, where: str) -> tuple[str, bool]:
     text = raw.strip()
     ssl = False
     if "://" in text:
-        parts = urlsplit(text)
+        try:
+            parts = urlsplit(text)
+        except ValueError as e:
+            raise ConfigError(f"{where}: expected host:port or http(s)://host:port, got {raw!r} ({e})") from None
         if parts.scheme not in ("http", "https"):
             raise ConfigError(f"{where}: scheme must be http or https, got {parts.scheme!r}")
         if parts.path not in ("", "/") or parts.query:
@@ -323,7 +343,7 @@ def _parse_url(raw: str, where: str) -> tuple[str, bool]:
         ssl = parts.scheme == "https"
         text = parts.netloc
     host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
         raise ConfigError(f"{where}: expected host:port or http(s)://host:port, got {raw!r}")
     return text, ssl
 
@@ -389,7 +409,9 @@ def _parse_input(raw: Any, where: str, base: Path) -> InputSpec:
                 raise ConfigError(f"{fw}.data: expected a list, got {_type_name(arg)}")
             spec = InputSpec(name, datatype, shape, "data", data=arg)
         else:
-            raise ConfigError(f"{fw}.{kind}: unknown fill (expected zeros, ones, value, random, file or data)")
+            raise ConfigError(
+                f"{fw}.{_key(str(kind))}: unknown fill (expected zeros, ones, value, random, file or data)"
+            )
     else:
         raise ConfigError(
             f"{fw}: expected zeros, ones, {{value: V}}, {{random: {{seed: S}}}}, {{file: F}} or {{data: [...]}}, "
@@ -590,6 +612,8 @@ def load_config(path: str | Path) -> Config:
         raise ConfigError(f"{p}: invalid YAML{at}: {problem}") from None
     except RecursionError:
         raise ConfigError(f"{p}: invalid YAML: nested too deeply") from None
+    except ValueError as e:  # an integer beyond Python's 4300-digit conversion limit
+        raise ConfigError(f"{p}: invalid YAML: {e}") from None
     if raw is None:
         raw = {}
     return parse_config(raw, Path(os.path.normpath(p.absolute())))

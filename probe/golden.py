@@ -153,7 +153,7 @@ def _parse_record(raw: Any, where: str) -> Record:
     outs_raw = _require(raw, "outputs", dict, where)
     outputs = {}
     for name, o in outs_raw.items():
-        ow = f"{where}.outputs.{name}"
+        ow = f"{where}.outputs.{name if str(name).isprintable() else repr(name)}"
         if not isinstance(o, dict):
             raise GoldenError(f"{ow}: expected an object")
         shape = _require(o, "shape", list, ow)
@@ -174,7 +174,7 @@ def _parse_record(raw: Any, where: str) -> Record:
             max_ms=float(lat.get("max_ms", lat["median_ms"])),
             samples_ms=tuple(float(x) for x in lat.get("samples_ms", ())),
         )
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, OverflowError):
         raise GoldenError(f"{where}.latency: expected runs and median_ms numbers") from None
     if not math.isfinite(latency.median_ms) or latency.median_ms < 0:
         raise GoldenError(f"{where}.latency.median_ms: must be a finite number >= 0")
@@ -227,7 +227,7 @@ def load_golden(path: Path) -> Golden:
         raise GoldenError(f"{path}: cannot read golden file: {e}") from None
     try:
         raw = json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as e:
+    except (ValueError, RecursionError) as e:  # ValueError: JSONDecodeError, or an int beyond 4300 digits
         raise GoldenError(f"{path}: corrupt golden file: {e}") from None
     golden = parse_golden(raw, path)
     if any(r.tensors for r in golden.records):

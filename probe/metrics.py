@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -11,6 +12,14 @@ from probe.checks.base import CheckResult
 from probe.runner import Run
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+def _asyncio_tasks() -> float:
+    """Tasks alive on the running loop when /metrics is scraped; NaN when collected outside the loop."""
+    try:
+        return float(len(asyncio.all_tasks()))
+    except RuntimeError:
+        return float("nan")
 
 
 class Metrics:
@@ -75,6 +84,12 @@ class Metrics:
             ["model"],
             registry=registry,
         )
+        self.asyncio_tasks = Gauge(
+            "probe_asyncio_tasks",
+            "asyncio tasks alive in the sidecar when scraped (connections, runs, background work); a rise is a leak",
+            registry=registry,
+        )
+        self.asyncio_tasks.set_function(_asyncio_tasks)
 
     def observe_run(self, run: Run) -> None:
         self.runs.inc()
