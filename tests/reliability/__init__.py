@@ -1,0 +1,1 @@
+"""Reliability suite: `probe serve` as a real process against injected faults (issue 6)."""
