@@ -43,6 +43,8 @@ class Run:
 class _Backoff:
     until: float = 0.0
     delay: float = 0.0
+    result: CheckResult | None = None
+    """The timed-out result itself: what probes get while the backoff holds (its reason suffixed once)."""
 
 
 def _is_instant(check: Check) -> bool:
@@ -121,16 +123,18 @@ class Runner:
             result = failed(check.name, f"internal error: {type(e).__name__}: {e}")
         return result.with_timing(wall, self.clock() - start)
 
-    async def _guarded(self, check: Check, deadline: float, previous: CheckResult | None) -> CheckResult:
+    async def _guarded(self, check: Check, deadline: float) -> CheckResult:
         b = self._backoff.get(check.name)
         now = self.clock()
-        if b is not None and now < b.until and previous is not None:
-            return replace(previous, reason=f"{previous.reason} (retrying in {b.until - now:.1f}s)")
+        if b is not None and now < b.until and b.result is not None:
+            # From the timed-out result, not the last run's: that one already carries a "(retrying in ...)".
+            return replace(b.result, reason=f"{b.result.reason} (retrying in {b.until - now:.1f}s)")
         result = await self._run_one(check, deadline)
         if result.details.get("timeout"):
             b = self._backoff.setdefault(check.name, _Backoff())
             b.delay = min(self.hang_backoff, max(b.delay * 2, self.min_interval, 0.1))
             b.until = self.clock() + b.delay
+            b.result = result
         else:
             self._backoff.pop(check.name, None)
         return result
@@ -142,11 +146,10 @@ class Runner:
         started = self.clock()
         wall = time.time()
         deadline = started + self._budget()
-        prev = self._last.results if self._last else {}
         primary = [c for c in selected if not _is_derived(c)]
         derived = [c for c in selected if _is_derived(c)]
         results: dict[str, CheckResult] = {}
-        done = await asyncio.gather(*(self._guarded(c, deadline, prev.get(c.name)) for c in primary))
+        done = await asyncio.gather(*(self._guarded(c, deadline) for c in primary))
         results.update({r.name: r for r in done})
         for c in derived:
             results[c.name] = await self._run_one(c, deadline)

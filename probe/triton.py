@@ -9,7 +9,6 @@ runner's `asyncio.wait_for`) closes its HTTP request, so a timed-out canary is n
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 import time
 from dataclasses import dataclass, field
@@ -120,8 +119,9 @@ class TritonClient:
             raise TritonRequestError(f"{what}: {_reason(e)}") from None
         except (aiohttp.ClientConnectionError, ConnectionError) as e:
             raise TritonUnreachable(f"{what}: cannot connect to Triton at {self.url}: {_reason(e)}") from None
-        except (aiohttp.ClientError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
-            # A reply that is not Triton's (a proxy error page, malformed JSON): treat as unreachable.
+        except (aiohttp.ClientError, ValueError, KeyError, TypeError) as e:
+            # A reply that is not Triton's (a proxy error page, malformed JSON): treat as unreachable. ValueError
+            # covers every JSON decoder's error (tritonclient parses with rapidjson) and UnicodeDecodeError.
             raise TritonUnreachable(f"{what}: malformed reply from {self.url}: {_reason(e)}") from None
         except asyncio.TimeoutError:
             raise TritonUnreachable(f"{what}: Triton at {self.url} did not answer") from None

@@ -30,19 +30,15 @@ class GoldenStore:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._stamp: tuple[int, int, int] | None = None
+        self._stamp: tuple[int, ...] | None = None
         self._golden: Golden | None = None
         self._error: str | None = None
 
     def get(self) -> Golden:
         """The current golden; raises GoldenError (cached until the file changes)."""
-        try:
-            st = os.stat(self.path)
-            npz = self.path.with_suffix(".npz")
-            npz_mtime = os.stat(npz).st_mtime_ns if npz.exists() else 0
-            stamp = (st.st_mtime_ns, st.st_size, npz_mtime)
-        except FileNotFoundError:
-            stamp = (0, 0, 0)
+        # Inode and ctime too: a replaced file (new inode) or one rewritten in place (new ctime) is noticed even
+        # when it kept its size and mtime (cp -p, rsync -t, tar, two writes within one timestamp tick).
+        stamp = _stamp(self.path) + _stamp(self.path.with_suffix(".npz"))
         if stamp != self._stamp:
             self._stamp = stamp
             try:
@@ -52,6 +48,14 @@ class GoldenStore:
         if self._golden is None:
             raise GoldenError(self._error or f"{self.path}: golden file missing")
         return self._golden
+
+
+def _stamp(path: Path) -> tuple[int, int, int, int]:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return (0, 0, 0, 0)
+    return (st.st_ino, st.st_ctime_ns, st.st_mtime_ns, st.st_size)
 
 
 @dataclass
