@@ -166,3 +166,6 @@ def stop_triton(server: TritonServer, sig: int = signal.SIGTERM) -> None:
     except ProcessLookupError:
         pass
     server.process.wait(timeout=10)
+    # pytriton's shared-memory segments outlive a killed instance; they are named after its pid.
+    for segment in Path("/dev/shm").glob(f"pytrtion{pgid}-*"):
+        segment.unlink(missing_ok=True)

@@ -276,8 +276,19 @@ class Liveness:
                     status="fail",
                     reason=f"Triton not healthy within {self.startup:g}s of start: {r.reason}",
                 )
-            else:
+            elif r.ok:
+                out[name] = replace(r, status="pass", reason="ok")
+            elif not r.restart_worthy:
+                out[name] = replace(r, status="pass", reason=f"ok (not restart-worthy: {r.reason})")
+            elif not self.armed:
                 out[name] = replace(
-                    r, status="pass", reason="ok" if r.ok else f"ok (not restart-worthy yet: {r.reason})"
+                    r, status="pass", reason=f"ok (not counted before the first good canary: {r.reason})"
+                )
+            else:
+                held = now - since if since is not None else 0.0
+                out[name] = replace(
+                    r,
+                    status="pass",
+                    reason=f"ok (failing for {held:.0f}s of liveness.after {self.after:g}s: {r.reason})",
                 )
         return out

@@ -195,7 +195,7 @@ def test_connection_refused(start_sidecar: StartSidecar, peer: FaultyPeer) -> No
     car.expect(Expect(503, 200, "triton", refused(peer.url)))
     live = car.get("/live/triton")
     assert live.status == 200, live
-    assert re.fullmatch(f"ok \\(not restart-worthy yet: {refused(peer.url)}\\)\n", live.body), live
+    assert re.fullmatch(f"ok \\(not counted before the first good canary: {refused(peer.url)}\\)\n", live.body), live
     peer.start()  # Triton (relayed) appears on that port
     car.passes("canary/demo")
 
