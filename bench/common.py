@@ -1,0 +1,310 @@
+"""What every benchmark shares: a local Triton, recorded goldens, `probe serve` processes, and small stats.
+
+The Triton launcher is the test suite's own (`tests.conftest.start_triton`), so the benchmarks run against
+exactly the server the integration tests use: the demo models on nvidia-pytriton, CPU only, on 127.0.0.1.
+Every process started here is stopped here, by its own pid or process group.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # `python bench/x.py` puts bench/, not the repo root, on sys.path
+    sys.path.insert(0, str(REPO))
+
+from tests.conftest import TritonServer, start_triton, stop_triton  # noqa: E402
+from tests.helpers import DEMO_CANARY, ServeProcess, run_cli, write_config  # noqa: E402
+from tests.helpers import free_port as free_port  # noqa: E402  (re-exported for the benchmark scripts)
+
+MODEL = str(DEMO_CANARY["model"])
+# A fresh canary on every request, and no background loop competing with the measurement.
+FRESH = {"timeout": 0.8, "min_interval": 0, "interval": 0}
+# Every answer after the first comes from the cache.
+CACHED = {"timeout": 0.8, "min_interval": 3600, "interval": 0}
+
+
+# ---------------------------------------------------------------------------------------------- stats
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (0..100), linear interpolation between closest ranks."""
+    s = sorted(values)
+    if not s:
+        return math.nan
+    k = (len(s) - 1) * q / 100.0
+    lo, hi = math.floor(k), math.ceil(k)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else math.nan
+
+
+def table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> str:
+    """A compact left-aligned text table."""
+    cells = [[str(c) for c in header]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def mark(ok: bool) -> str:
+    return "PASS" if ok else "MISS"
+
+
+# ---------------------------------------------------------------------------------------------- machine
+
+
+def machine() -> dict[str, str]:
+    """What the numbers were measured on."""
+    cpu = "unknown"
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    load = "n/a"
+    with contextlib.suppress(OSError):
+        load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    return {
+        "cpus": str(os.cpu_count() or 0),
+        "affinity": str(len(os.sched_getaffinity(0))) if hasattr(os, "sched_getaffinity") else "n/a",
+        "cpu": cpu,
+        "python": platform.python_version(),
+        "load": load,
+    }
+
+
+def print_machine() -> None:
+    m = machine()
+    print(f"machine: {m['cpus']} CPUs ({m['affinity']} usable), {m['cpu']}, Python {m['python']}, load {m['load']}")
+
+
+# ---------------------------------------------------------------------------------------------- processes
+
+
+def vm_status(pid: int) -> dict[str, int]:
+    """VmRSS / VmHWM / VmSize of a process in bytes, from /proc/<pid>/status."""
+    out: dict[str, int] = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            if key in ("VmRSS", "VmHWM", "VmSize"):
+                out[key] = int(rest.split()[0]) * 1024
+    return out
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU seconds a process's threads have run, from /proc/<pid>/task/*/schedstat (nanosecond precision)."""
+    total = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{task}/schedstat") as f:
+            total += int(f.read().split()[0])
+    return total / 1e9
+
+
+@dataclass
+class Stack:
+    """A Triton with the demo classifier, its golden recorded, and `probe serve` processes pointed at it."""
+
+    tmp: Path
+    triton: TritonServer
+    serves: list[ServeProcess] = field(default_factory=list)
+
+    @property
+    def triton_url(self) -> str:
+        return f"http://{self.triton.url}"
+
+    def config(self, name: str, probe: dict[str, Any], port: int = 0) -> Path:
+        """A probe.yaml in its own directory that shares the one recorded golden directory."""
+        d = self.tmp / name
+        d.mkdir(exist_ok=True)
+        path: Path = write_config(
+            d,
+            self.triton.url,
+            [DEMO_CANARY],
+            probe=probe,
+            listen={"port": port},
+            golden_dir=str(self.tmp / "golden"),
+        )
+        return path
+
+    def serve(self, name: str, probe: dict[str, Any]) -> ServeProcess:
+        """Start `probe serve` on a free port and wait until it answers /live/ping."""
+        port = free_port()
+        proc = ServeProcess(self.config(name, probe, port), port)
+        self.serves.append(proc)
+        proc.wait_up(60)
+        return proc
+
+    def stop(self, proc: ServeProcess) -> None:
+        proc.stop()
+        with contextlib.suppress(ValueError):
+            self.serves.remove(proc)
+
+
+@contextlib.contextmanager
+def stack() -> Iterator[Stack]:
+    """Start Triton (demo_classifier only), record the canary's golden; tear everything down on exit."""
+    tmp = Path(tempfile.mkdtemp(prefix="probe-bench-"))
+    t0 = time.perf_counter()
+    triton = start_triton(tmp, models=(MODEL,))
+    s = Stack(tmp, triton)
+    try:
+        rec = run_cli("record", "-c", str(s.config("record", FRESH)), timeout=120)
+        if rec.returncode != 0:
+            raise RuntimeError(f"probe record failed ({rec.returncode}): {rec.stderr.strip()}")
+        print(f"setup: Triton + golden in {time.perf_counter() - t0:.1f}s ({rec.stdout.strip()})")
+        yield s
+    finally:
+        for proc in list(s.serves):
+            s.stop(proc)
+        stop_triton(triton)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run_standalone(main: Any) -> None:
+    """Entry point of a single benchmark script: one stack, one measurement, exit 0."""
+    print_machine()
+    with stack() as s:
+        result = main(s)
+    print(result.report())
+
+
+# ---------------------------------------------------------------------------------------------- HTTP
+
+
+@dataclass
+class LoadResult:
+    requests: int = 0
+    errors: int = 0
+    seconds: float = 0.0
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.seconds if self.seconds > 0 else 0.0
+
+    def add(self, other: LoadResult) -> None:
+        self.requests += other.requests
+        self.errors += other.errors
+        self.seconds += other.seconds
+
+
+_CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*(\d+)")
+
+
+class _LoadConnection(asyncio.Protocol):
+    """One keep-alive HTTP/1.1 connection that sends the next GET as soon as the previous answer is complete.
+
+    Callback-driven with minimal parsing (status line and Content-Length), so the generator spends as little of
+    the shared CPU as an asyncio client can: no coroutine, header dict or response object per request.
+    """
+
+    def __init__(self, request: bytes, deadline: float, result: LoadResult, done: asyncio.Future[None]) -> None:
+        self.request = request
+        self.deadline = deadline
+        self.result = result
+        self.done = done
+        self.buf = bytearray()
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.write(self.request)
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        while True:
+            end = self.buf.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            head = bytes(self.buf[:end]).lower()
+            m = _CONTENT_LENGTH.search(head)
+            if m is None:
+                raise RuntimeError(f"load generator: answer without Content-Length: {head[:200]!r}")
+            total = end + 4 + int(m.group(1))
+            if len(self.buf) < total:
+                return
+            if head[9:12] == b"200":
+                self.result.requests += 1
+            else:
+                self.result.errors += 1
+            del self.buf[:total]
+            if time.perf_counter() >= self.deadline:
+                self._finish()
+                return
+            assert self.transport is not None
+            self.transport.write(self.request)
+
+    def _finish(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+        if not self.done.done():
+            self.done.set_result(None)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.done.done():
+            self.done.set_result(None)
+
+
+async def load(url: str, *, concurrency: int, seconds: float) -> LoadResult:
+    """GET `url` on `concurrency` keep-alive connections for `seconds`; counts completed 200s and errors."""
+    from urllib.parse import urlsplit
+
+    u = urlsplit(url)
+    assert u.hostname == "127.0.0.1" and u.port is not None, "benchmarks only talk to 127.0.0.1:<port>"
+    port = u.port
+    request = f"GET {u.path or '/'} HTTP/1.1\r\nHost: {u.netloc}\r\nUser-Agent: probe-bench\r\n\r\n".encode()
+    loop = asyncio.get_running_loop()
+    result = LoadResult()
+    start = time.perf_counter()
+    deadline = start + seconds
+    dones: list[asyncio.Future[None]] = []
+    for _ in range(concurrency):
+        done: asyncio.Future[None] = loop.create_future()
+        dones.append(done)
+        await loop.create_connection(
+            lambda d=done: _LoadConnection(request, deadline, result, d),  # type: ignore[misc]
+            u.hostname,
+            port,
+        )
+    await asyncio.gather(*dones)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def wrk(url: str, *, concurrency: int, seconds: float) -> LoadResult:
+    """The same measurement with wrk (only used when it is installed)."""
+    exe = shutil.which("wrk")
+    assert exe is not None
+    out = subprocess.run(
+        [exe, "-t2", f"-c{concurrency}", f"-d{max(1, round(seconds))}s", url],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    m = re.search(r"(\d+) requests in ([\d.]+)(ms|s|m)", out)
+    if m is None:
+        raise RuntimeError(f"cannot parse wrk output: {out[-500:]}")
+    secs = float(m.group(2)) * {"ms": 0.001, "s": 1.0, "m": 60.0}[m.group(3)]
+    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errors = int(bad.group(1)) if bad else 0
+    return LoadResult(requests=int(m.group(1)) - errors, errors=errors, seconds=secs)

@@ -1,0 +1,210 @@
+"""`/ready` with a fresh canary on every request vs a raw `tritonclient.http.aio` inference of the same input.
+
+`probe serve` runs with `min_interval: 0`, so each `/ready` runs every check (Triton live+ready, model ready,
+the canary inference and its digest comparison) before it answers. The raw side sends the same model the same
+tensor and decodes the same outputs, on its own warm connection. Requests are sequential and interleaved
+(ready, raw, ping; raw, ping, ready; ...) so drift from other load on the machine hits all sides alike.
+`/live/ping` runs no check: it is the sidecar's HTTP round trip alone, the floor under any sidecar answer.
+The sidecar's CPU time is read from /proc around each `/ready` only.
+
+Run alone: python bench/ready_vs_raw.py
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import re
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from common import FRESH, Stack, cpu_seconds, mark, median, percentile, run_standalone, table, vm_status
+
+N = 200
+WARMUP = 20
+TARGET = 1.25  # /ready p50 and p90 at most this many times the raw inference's
+
+
+@dataclass
+class ReadyVsRaw:
+    ready_ms: list[float]
+    raw_ms: list[float]
+    ping_ms: list[float]
+    """The sidecar's own HTTP round trip (/live/ping runs no check): the floor any sidecar answer pays."""
+    canary_runs: int
+    sidecar_canary_ms: float
+    """Mean canary inference time as the sidecar itself measured it (from its /metrics histogram)."""
+    sidecar_rss: int = 0
+    sidecar_cpu_s: float = 0.0
+    """CPU seconds the sidecar process ran while answering the measured /ready requests."""
+    raw_cpu_s: float = 0.0
+    """CPU seconds this process ran for the raw inferences (the client side of the same inference)."""
+
+    @property
+    def p50_ratio(self) -> float:
+        return median(self.ready_ms) / median(self.raw_ms)
+
+    @property
+    def p90_ratio(self) -> float:
+        return percentile(self.ready_ms, 90) / percentile(self.raw_ms, 90)
+
+    @property
+    def hop_floor(self) -> float:
+        return (median(self.raw_ms) + median(self.ping_ms)) / median(self.raw_ms)
+
+    @property
+    def ok(self) -> bool:
+        return self.p50_ratio <= TARGET and self.p90_ratio <= TARGET
+
+    def report(self) -> str:
+        def row(label: str, ms: list[float]) -> list[object]:
+            return [label, len(ms), f"{median(ms):.2f}", f"{percentile(ms, 90):.2f}", f"{min(ms):.2f}"]
+
+        rows: list[list[object]] = [
+            row("/ready (fresh canary)", self.ready_ms),
+            row("raw tritonclient.aio infer", self.raw_ms),
+            row("/live/ping (the HTTP hop alone)", self.ping_ms),
+            ["ratio", "", f"{self.p50_ratio:.2f}x", f"{self.p90_ratio:.2f}x", ""],
+        ]
+        lines = [
+            "== /ready with a fresh canary vs a raw inference (sequential, interleaved) ==",
+            table(rows, ["", "n", "p50 ms", "p90 ms", "min ms"]),
+            f"canary runs behind those /ready answers: {self.canary_runs} (every request ran the canary)"
+            if self.canary_runs >= len(self.ready_ms)
+            else f"WARNING: only {self.canary_runs} canary runs for {len(self.ready_ms)} /ready answers",
+            f"the sidecar's own mean canary inference time (its /metrics histogram): {self.sidecar_canary_ms:.2f} ms",
+            f"floor for the ratio from the hop alone, (raw + ping) / raw at p50: {self.hop_floor:.2f}x",
+            f"CPU per answer: sidecar {self.sidecar_cpu_s / len(self.ready_ms) * 1e6:.0f} us per fresh /ready,"
+            f" raw client {self.raw_cpu_s / len(self.raw_ms) * 1e6:.0f} us per inference;"
+            f" sidecar VmRSS after the run: {self.sidecar_rss / 1e6:.1f} MB",
+            f"target: p50 and p90 ratio <= {TARGET}x -> {mark(self.ok)}",
+        ]
+        return "\n".join(lines)
+
+    def summary(self) -> list[tuple[str, str, str, bool | None]]:
+        return [
+            (
+                "/ready fresh canary vs raw infer (p50, p90)",
+                f"{self.p50_ratio:.2f}x, {self.p90_ratio:.2f}x",
+                f"<= {TARGET}x",
+                self.ok,
+            )
+        ]
+
+
+_METRIC = re.compile(r'^probe_(canary_latency_seconds_(?:sum|count)|runs_total)(?:\{canary="demo"\})? (\S+)$', re.M)
+
+
+async def _metrics(session: Any, base: str) -> dict[str, float]:
+    async with session.get(base + "/metrics") as r:
+        text = await r.text()
+    return {m.group(1): float(m.group(2)) for m in _METRIC.finditer(text)}
+
+
+async def _measure(base: str, triton_url: str, config_path: str, pid: int) -> ReadyVsRaw:
+    import aiohttp
+    import tritonclient.http as http
+    import tritonclient.http.aio as aio
+
+    from probe.config import load_config
+    from probe.golden import load_golden
+    from probe.tensors import build_inputs
+
+    cfg = load_config(config_path)
+    canary = cfg.canaries[0]
+    inputs = build_inputs(canary)
+    outputs = list(load_golden(cfg.golden_path(canary.name)).records[0].outputs)
+
+    client = aio.InferenceServerClient(triton_url.removeprefix("http://"))
+    session = aiohttp.ClientSession()
+    try:
+
+        async def ready() -> float:
+            t = time.perf_counter()
+            async with session.get(base + "/ready") as r:
+                await r.read()
+                if r.status != 200:
+                    raise RuntimeError(f"/ready answered {r.status}: {await r.text()}")
+            return time.perf_counter() - t
+
+        async def ping() -> float:
+            t = time.perf_counter()
+            async with session.get(base + "/live/ping") as r:
+                await r.read()
+            return time.perf_counter() - t
+
+        async def raw() -> float:
+            t = time.perf_counter()
+            req = []
+            for spec in canary.inputs:
+                inp = http.InferInput(spec.name, list(inputs[spec.name].shape), spec.datatype)
+                inp.set_data_from_numpy(inputs[spec.name], binary_data=True)
+                req.append(inp)
+            out = [http.InferRequestedOutput(o, binary_data=True) for o in outputs]
+            result = await client.infer(canary.model, req, outputs=out)
+            for o in outputs:
+                result.as_numpy(o)
+            return time.perf_counter() - t
+
+        for _ in range(WARMUP):
+            await ready()
+            await raw()
+            await ping()
+        before = await _metrics(session, base)
+        gc.collect()
+        ready_s: list[float] = []
+        raw_s: list[float] = []
+        ping_s: list[float] = []
+        cpu = raw_cpu = 0.0
+
+        async def fresh() -> None:
+            nonlocal cpu
+            before = cpu_seconds(pid)
+            ready_s.append(await ready())
+            cpu += cpu_seconds(pid) - before
+
+        async def direct() -> None:
+            nonlocal raw_cpu
+            before = time.process_time()
+            raw_s.append(await raw())
+            raw_cpu += time.process_time() - before
+
+        async def hop() -> None:
+            ping_s.append(await ping())
+
+        order = [fresh, direct, hop]
+        for i in range(N):  # rotate the order, so no side always runs right after another
+            for step in order[i % 3 :] + order[: i % 3]:
+                await step()
+        after = await _metrics(session, base)
+    finally:
+        await session.close()
+        await client.close()
+    runs = int(after.get("runs_total", 0) - before.get("runs_total", 0))
+    count = after.get("canary_latency_seconds_count", 0) - before.get("canary_latency_seconds_count", 0)
+    total = after.get("canary_latency_seconds_sum", 0) - before.get("canary_latency_seconds_sum", 0)
+    return ReadyVsRaw(
+        ready_ms=[s * 1000 for s in ready_s],
+        raw_ms=[s * 1000 for s in raw_s],
+        ping_ms=[s * 1000 for s in ping_s],
+        canary_runs=runs,
+        sidecar_canary_ms=total / count * 1000 if count else float("nan"),
+        sidecar_cpu_s=cpu,
+        raw_cpu_s=raw_cpu,
+    )
+
+
+def measure(stack: Stack) -> ReadyVsRaw:
+    proc = stack.serve("fresh", FRESH)
+    try:
+        cfg = stack.tmp / "fresh" / "probe.yaml"
+        result = asyncio.run(_measure(proc.base, stack.triton_url, str(cfg), proc.process.pid))
+        result.sidecar_rss = vm_status(proc.process.pid)["VmRSS"]
+        return result
+    finally:
+        stack.stop(proc)
+
+
+if __name__ == "__main__":
+    run_standalone(measure)
