@@ -155,7 +155,7 @@ async def _triton_live(sidecar: Any) -> str | None:
             return f"Triton at {sidecar.client.url} is not live"
     except (TritonUnreachable, TritonRequestError) as e:
         return str(e)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         return f"Triton at {sidecar.client.url} did not answer within {sidecar.cfg.probe.timeout:g}s"
     return None
 
@@ -250,7 +250,7 @@ async def _record(cfg: Config, *, only: str | None, runs: int, force: bool) -> i
             except TritonRequestError as e:
                 _err(f"recording refused: canary {c.name}: {e}")
                 code = max(code, EXIT_FAILED)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 _err(f"recording refused: canary {c.name} did not answer within a recording run's limit")
                 code = max(code, EXIT_FAILED)
     finally:
@@ -287,7 +287,11 @@ async def _serve_async(cfg: Config, logger: logging.Logger) -> int:
     async def on_cleanup(_: web.Application) -> None:
         await sidecar.stop()
 
-    app = make_app(sidecar.health, metrics=sidecar.metrics.expose, on_startup=[on_startup], on_cleanup=[on_cleanup])
+    def metrics() -> tuple[bytes, str]:
+        sidecar.runner.flush()  # a scrape sees every finished run, deferred or not
+        return sidecar.metrics.expose()
+
+    app = make_app(sidecar.health, metrics=metrics, on_startup=[on_startup], on_cleanup=[on_cleanup])
     # Short keep-alive and bounded header sizes: idle kubelet connections must not pile up.
     runner = web.AppRunner(app, handle_signals=False, access_log=None, keepalive_timeout=15.0, shutdown_timeout=2.0)
     await runner.setup()

@@ -61,7 +61,7 @@ class EnvironmentProbe:
         self._nvml_thread.start()
         try:
             value = await asyncio.wait_for(fut, self._nvml_timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return {
                 "gpus": [],
                 "driver": None,

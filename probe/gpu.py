@@ -685,7 +685,7 @@ class TritonMetricsSampler:
                 if resp.status != 200:
                     return GpuSample(self._clock(), (), f"Triton metrics {self._url}: HTTP {resp.status}")
                 text = await resp.text()
-        except asyncio.TimeoutError:
+        except TimeoutError:
             msg = f"Triton metrics {self._url}: no answer within {self._timeout:g}s"
             return GpuSample(self._clock(), (), msg)
         except aiohttp.ClientError as e:

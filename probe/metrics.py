@@ -27,6 +27,7 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        self._check_children: dict[str, tuple[Any, Any]] = {}
         self.ready = Gauge("probe_ready", "1 when /ready passes (all checks), else 0", registry=registry)
         self.live = Gauge("probe_live", "1 when /live passes, else 0", registry=registry)
         self.check_success = Gauge(
@@ -109,8 +110,13 @@ class Metrics:
                 self.observe_gpu(r.details)
 
     def observe_check(self, r: CheckResult) -> None:
-        self.check_success.labels(r.name).set(1.0 if r.ok else 0.0)
-        self.check_duration.labels(r.name).set(r.duration)
+        # labels() hashes and locks on every call; the per-check children are looked up once and kept.
+        children = self._check_children.get(r.name)
+        if children is None:
+            children = (self.check_success.labels(r.name), self.check_duration.labels(r.name))
+            self._check_children[r.name] = children
+        children[0].set(1.0 if r.ok else 0.0)
+        children[1].set(r.duration)
 
     def observe_gpu(self, details: dict[str, Any]) -> None:
         for dev in details.get("devices", []):

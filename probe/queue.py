@@ -79,7 +79,7 @@ class QueueWatcher:
                 if resp.status != 200:
                     return
                 text = await resp.text()
-        except (aiohttp.ClientError, asyncio.TimeoutError, UnicodeDecodeError):
+        except (TimeoutError, aiohttp.ClientError, UnicodeDecodeError):
             return
         with contextlib.suppress(ValueError):
             for model, value in pending_requests(text, {m for m, _ in self._models}).items():

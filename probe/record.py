@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -175,7 +175,7 @@ def _record(
 ) -> Record:
     return Record(
         environment=env,
-        recorded_at=datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
+        recorded_at=datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
         tool_version=__version__,
         outputs=outputs,
         latency=LatencyBaseline.from_samples([o.latency_s for o in runs]),

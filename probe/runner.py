@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
@@ -25,6 +26,8 @@ from probe.checks.base import Check, CheckResult, failed
 Clock = Callable[[], float]
 # Time kept back from the probe budget so the HTTP answer itself fits inside probe.timeout.
 ANSWER_MARGIN = 0.02
+# Deferred listeners run this long after a run, once its answers are on the wire.
+DEFER_S = 0.005
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,11 @@ class Run:
     duration: float
     results: dict[str, CheckResult]
     sequence: int = 0
+    ok: bool = field(init=False)
+    """Every check of the run passed (computed once: cached answers read it on every probe)."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ok", all(r.ok for r in self.results.values()))
 
 
 @dataclass
@@ -74,6 +82,7 @@ class Runner:
         if len(set(names)) != len(names):
             raise ValueError(f"duplicate check names: {names}")
         self.checks = list(checks)
+        self._instant = [c for c in self.checks if _is_instant(c)]
         self.timeout = timeout
         self.min_interval = min_interval
         self.interval = interval
@@ -81,6 +90,8 @@ class Runner:
         self.clock = clock
         self.history: deque[Run] = deque(maxlen=history)
         self._on_run = list(on_run)
+        self._after_run: list[Callable[[Run], None]] = []
+        self._pending: list[Run] = []
         self._last: Run | None = None
         self._inflight: asyncio.Future[Run] | None = None
         self._backoff: dict[str, _Backoff] = {}
@@ -96,8 +107,10 @@ class Runner:
     def last(self) -> Run | None:
         return self._last
 
-    def add_listener(self, fn: Callable[[Run], None]) -> None:
-        self._on_run.append(fn)
+    def add_listener(self, fn: Callable[[Run], None], *, deferred: bool = False) -> None:
+        """Call `fn(run)` after each run: at once (state the answer depends on, like liveness), or `deferred`
+        to just after the answer has been sent (metrics, logs)."""
+        (self._after_run if deferred else self._on_run).append(fn)
 
     # ------------------------------------------------------------------------------------------ running
 
@@ -114,10 +127,12 @@ class Runner:
         if limit <= 0:
             if not _is_derived(check):
                 return failed(check.name, "no time left in the probe budget", restart_worthy=False)
-            limit = 0.005  # derived checks only read what was measured; let them answer
+            limit = 0.005  # derived checks mostly read what was measured; let them answer
         try:
-            result = await asyncio.wait_for(check.run(), limit)
-        except asyncio.TimeoutError:
+            # asyncio.timeout, not wait_for: no extra task per check; cancellation closes the check's request.
+            async with asyncio.timeout(limit):
+                result = await check.run()
+        except TimeoutError:
             result = failed(check.name, f"timed out after {limit:.2f}s", restart_worthy=True, details={"timeout": True})
         except Exception as e:  # a bug in a check must not take the sidecar down; report it as a failure
             result = failed(check.name, f"internal error: {type(e).__name__}: {e}")
@@ -146,7 +161,12 @@ class Runner:
         started = self.clock()
         wall = time.time()
         deadline = started + self._budget()
-        primary = [c for c in selected if not _is_derived(c)]
+        prev = self._last.results if self._last else {}
+        # Slowest first (by the last run): the canary's request reaches Triton before the quick health calls.
+        primary = sorted(
+            (c for c in selected if not _is_derived(c)),
+            key=lambda c: -prev[c.name].duration if c.name in prev else 0.0,
+        )
         derived = [c for c in selected if _is_derived(c)]
         results: dict[str, CheckResult] = {}
         done = await asyncio.gather(*(self._guarded(c, deadline) for c in primary))
@@ -168,12 +188,34 @@ class Runner:
             self.history.append(run)
         for fn in self._on_run:
             fn(run)
+        if self._after_run:
+            self._pending.append(run)
+            if len(self._pending) == 1:
+                # A few ms later, so the probe's answer goes out first; flush() catches up before a scrape.
+                asyncio.get_running_loop().call_later(DEFER_S, self.flush)
         return run
+
+    def flush(self) -> None:
+        """Deliver finished runs to the deferred listeners (metrics, logs) now."""
+        pending, self._pending = self._pending, []
+        for run in pending:
+            for fn in self._after_run:
+                try:
+                    fn(run)
+                except Exception:  # metrics or logging must never take the sidecar down
+                    logging.getLogger("probe").exception("listener failed")
+
+    def cached(self) -> Run | None:
+        """The latest run if it is younger than `min_interval`, else None. Never waits."""
+        last = self._last
+        if last is not None and self.clock() - last.started < self.min_interval:
+            return last
+        return None
 
     async def results(self) -> Run:
         """The latest run if younger than `min_interval`, else a new one shared by concurrent callers."""
-        last = self._last
-        if last is not None and self.clock() - last.started < self.min_interval:
+        last = self.cached()
+        if last is not None:
             return last
         if self._inflight is None or self._inflight.done():
             self._inflight = asyncio.ensure_future(self.run_once())
@@ -181,14 +223,32 @@ class Runner:
 
     async def instant_results(self) -> dict[str, CheckResult]:
         out = {}
-        for c in self.checks:
-            if _is_instant(c):
-                out[c.name] = await self._run_one(c, self.clock() + self._budget())
+        for c in self._instant:
+            try:
+                out[c.name] = await c.run()  # an in-memory read: stamped when created, nothing to time
+            except Exception as e:  # a bug in a check must not take the sidecar down; report it as a failure
+                out[c.name] = failed(c.name, f"internal error: {type(e).__name__}: {e}")
         return out
 
     async def snapshot(self) -> dict[str, CheckResult]:
         """Every check's current result: cached or fresh run, plus instant checks evaluated now."""
-        run = await self.results()
+        return await self.merge(await self.results())
+
+    async def instant_ok(self) -> bool:
+        """Do the instant checks pass? Uses their cheap `passing()` where they have one."""
+        for c in self._instant:
+            passing = getattr(c, "passing", None)
+            if passing is not None:
+                if not passing():
+                    return False
+            elif not (await c.run()).ok:
+                return False
+        return True
+
+    async def merge(self, run: Run) -> dict[str, CheckResult]:
+        """A run's results plus the instant checks evaluated now, in check order."""
+        if not self._instant:
+            return run.results
         merged = dict(run.results)
         merged.update(await self.instant_results())
         return {c.name: merged[c.name] for c in self.checks if c.name in merged}
@@ -206,6 +266,7 @@ class Runner:
             self._loop_task = asyncio.ensure_future(self._loop())
 
     async def stop(self) -> None:
+        self.flush()
         tasks: list[asyncio.Future[Any]] = [t for t in (self._loop_task, self._inflight) if t is not None]
         self._loop_task = None
         for t in tasks:
@@ -256,6 +317,21 @@ class Liveness:
             else:
                 self.failing_since.pop(name, None)
 
+    def _counts(self, name: str, now: float) -> bool:
+        """True when this check's failure fails liveness now (restart-worthy for `after` s, once armed)."""
+        since = self.failing_since.get(name)
+        return since is not None and self.armed and now - since >= self.after
+
+    def _startup_expired(self, now: float) -> bool:
+        return not self.triton_ever_healthy and now - self.started >= self.startup
+
+    def is_live(self, results: dict[str, CheckResult]) -> bool:
+        """The aggregate of `verdict()` without building it (cheap enough for every run's gauge)."""
+        now = self.clock()
+        if "triton" in results and self._startup_expired(now):
+            return False
+        return not any(self._counts(name, now) for name in results if name != "shutdown")
+
     def verdict(self, results: dict[str, CheckResult]) -> dict[str, CheckResult]:
         """Each check's liveness result (ping included as given)."""
         now = self.clock()
@@ -264,13 +340,14 @@ class Liveness:
             if name == "shutdown":
                 continue  # draining must not restart the container
             since = self.failing_since.get(name)
-            if since is not None and self.armed and now - since >= self.after:
+            if self._counts(name, now):
+                assert since is not None
                 out[name] = replace(
                     r,
                     reason=f"failing for {now - since:.0f}s (liveness.after {self.after:g}s): {r.reason}",
                     status="fail",
                 )
-            elif name == "triton" and not self.triton_ever_healthy and now - self.started >= self.startup:
+            elif name == "triton" and self._startup_expired(now):
                 out[name] = replace(
                     r,
                     status="fail",

@@ -82,11 +82,11 @@ class Sidecar:
             self._session = None
         await self.client.close()
 
-    async def wait_first_gpu_sample(self, timeout: float) -> None:
-        """For one-shot checks: give the sampler a moment to take its first sample."""
+    async def wait_first_gpu_sample(self, limit: float) -> None:
+        """For one-shot checks: give the sampler a moment (at most `limit` seconds) to take its first sample."""
         if self.gpu_source is None:
             return
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + limit
         while self.gpu_source.latest() is None and time.monotonic() < deadline:  # noqa: ASYNC110 - polls a thread
             await asyncio.sleep(0.01)
 
@@ -139,14 +139,15 @@ def build_sidecar(
                 cfg.gpu, derived_metrics_url(cfg), visible_devices=visible_devices
             )
     environment = EnvironmentProbe(client, nvml_reader)
-    checks: list[Check] = [TritonCheck(client)]
+    checks: list[Check] = []
     canary_checks = []
     for c in cfg.canaries:
         golden = GoldenStore(cfg.golden_path(c.name))
         tracker = LatencyTracker.create(c.latency.window)
         canary = CanaryCheck(client, c, golden, tracker, environment, probe_timeout=cfg.probe.timeout)
         canary_checks.append(canary)
-        checks += [ModelCheck(client, c), canary, LatencyCheck(c, tracker, golden)]
+        checks += [ModelCheck(client, c, canary), canary, LatencyCheck(c, tracker, golden)]
+    checks.insert(0, TritonCheck(client, canary_checks))
     if gpu_source is not None:
         from probe.checks.gpu import GpuCheck
 
@@ -164,7 +165,7 @@ def build_sidecar(
     liveness = Liveness(after=cfg.liveness.after, startup=cfg.liveness.startup, has_canaries=bool(cfg.canaries))
     health = Health(runner, liveness, timeout=cfg.probe.timeout)
     runner.add_listener(liveness.observe)
-    runner.add_listener(metrics.observe_run)
+    runner.add_listener(metrics.observe_run, deferred=True)
     if logger is not None:
         ready_log = StateLogger(logger, "ready")
         live_log = StateLogger(logger, "live")
@@ -173,13 +174,13 @@ def build_sidecar(
             ready_log.observe(run.results)
             live_log.observe(liveness.verdict(run.results))
 
-        runner.add_listener(log_states)
+        runner.add_listener(log_states, deferred=True)
 
     def gauges(run: Run) -> None:
         metrics.ready.set(1.0 if all(r.ok for r in run.results.values()) and not lifecycle.shutting_down else 0.0)
-        metrics.live.set(1.0 if all(r.ok for r in liveness.verdict(run.results).values()) else 0.0)
+        metrics.live.set(1.0 if liveness.is_live(run.results) else 0.0)
 
-    runner.add_listener(gauges)
+    runner.add_listener(gauges, deferred=True)
     models = sorted({(c.model, c.version) for c in cfg.canaries})
     queue = QueueWatcher(client, models, metrics, derived_metrics_url(cfg), period=cfg.probe.interval or 10.0)
     return Sidecar(

@@ -8,7 +8,6 @@ runner's `asyncio.wait_for`) closes its HTTP request, so a timed-out canary is n
 
 from __future__ import annotations
 
-import asyncio
 import re
 import time
 from dataclasses import dataclass, field
@@ -123,7 +122,7 @@ class TritonClient:
             # A reply that is not Triton's (a proxy error page, malformed JSON): treat as unreachable. ValueError
             # covers every JSON decoder's error (tritonclient parses with rapidjson) and UnicodeDecodeError.
             raise TritonUnreachable(f"{what}: malformed reply from {self.url}: {_reason(e)}") from None
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise TritonUnreachable(f"{what}: Triton at {self.url} did not answer") from None
 
     async def live(self) -> bool:

@@ -101,9 +101,11 @@ async def test_wrong_output_fails_ready_not_live(sidecar: Any, healthy_triton: T
         assert status == 200, body
         healthy_triton.fault("demo_classifier", "ok")
         assert (await get(s, srv.base + "/ready"))[0] == 200
+    # state-change lines are written just after the answer that saw the change
+    wait_for(lambda: srv.logs().count('"msg": "ready: passing"') == 2, 5, "the recovery log line")
     logs = srv.logs()
     assert '"msg": "ready: failing"' in logs and "output PROBS digest" in logs
-    assert logs.count('"msg": "ready: passing"') == 2
+    assert logs.count('"msg": "ready: failing"') == 1
 
 
 async def test_liveness_escalates_after_sustained_hang(sidecar: Any, healthy_triton: TritonServer) -> None:

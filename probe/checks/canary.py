@@ -7,10 +7,12 @@ becomes a fast, explained failure here. A slow but correct canary passes this ch
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,26 +30,38 @@ from probe.triton import TritonClient, TritonRequestError, TritonUnreachable, in
 class GoldenStore:
     """The canary's golden file, re-read when it changes on disk (a ConfigMap update needs no restart)."""
 
-    def __init__(self, path: Path) -> None:
+    # Looking at the files at most this often: a ConfigMap update takes the kubelet far longer to propagate.
+    RECHECK_S = 1.0
+
+    def __init__(self, path: Path, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.path = path
+        self._npz = path.with_suffix(".npz")
+        self._clock = clock
+        self._checked_at = -math.inf
         self._stamp: tuple[int, ...] | None = None
         self._golden: Golden | None = None
         self._error: str | None = None
 
     def get(self) -> Golden:
         """The current golden; raises GoldenError (cached until the file changes)."""
+        now = self._clock()
+        if now - self._checked_at >= self.RECHECK_S or self._stamp is None:
+            self._checked_at = now
+            self._refresh()
+        if self._golden is None:
+            raise GoldenError(self._error or f"{self.path}: golden file missing")
+        return self._golden
+
+    def _refresh(self) -> None:
         # Inode and ctime too: a replaced file (new inode) or one rewritten in place (new ctime) is noticed even
         # when it kept its size and mtime (cp -p, rsync -t, tar, two writes within one timestamp tick).
-        stamp = _stamp(self.path) + _stamp(self.path.with_suffix(".npz"))
+        stamp = _stamp(self.path) + _stamp(self._npz)
         if stamp != self._stamp:
             self._stamp = stamp
             try:
                 self._golden, self._error = load_golden(self.path), None
             except GoldenError as e:
                 self._golden, self._error = None, str(e)
-        if self._golden is None:
-            raise GoldenError(self._error or f"{self.path}: golden file missing")
-        return self._golden
 
 
 def _stamp(path: Path) -> tuple[int, int, int, int]:
@@ -120,6 +134,10 @@ class CanaryCheck:
         self._input_error: str | None = None
         self._validated = False
         self.mismatches = 0
+        # What this run learnt about the model's readiness, for model/<canary>: True once Triton answered the
+        # inference, False when it said the model is not ready, None when the run learnt nothing.
+        self.model_ready_seen: bool | None = None
+        self.finished = True  # False only while a run is in flight, or after the runner cancelled one
 
     def _load_inputs(self) -> None:
         if self._inputs is None and self._input_error is None:
@@ -130,6 +148,13 @@ class CanaryCheck:
                 self._input_error = f"canary input error: {e}"
 
     async def run(self) -> CheckResult:
+        self.model_ready_seen = None
+        self.finished = False
+        result = await self._run()
+        self.finished = True  # not reached when the runner cancels a hung canary
+        return result
+
+    async def _run(self) -> CheckResult:
         c = self.canary
         self._load_inputs()
         if self._input_error is not None:
@@ -154,6 +179,7 @@ class CanaryCheck:
         except TritonRequestError as e:
             self._validated = False  # the model may have been replaced; re-check its metadata next time
             return await self._request_failed(e)
+        self.model_ready_seen = True
         self.tracker.add(outcome.latency_s)
         cmp = compare_outputs(golden, outcome.outputs, c.compare)
         if not cmp.ok:
@@ -174,6 +200,8 @@ class CanaryCheck:
             ready = await self._client.model_ready(c.model, c.version)
         except (TritonUnreachable, TritonRequestError):
             ready = True  # cannot tell; report the inference error as it is
+        else:
+            self.model_ready_seen = ready
         if not ready:
             return failed(self.name, f"model {c.model} is not ready: {e}")
         return failed(self.name, str(e), restart_worthy=True)

@@ -28,6 +28,10 @@ class ShutdownCheck:
     def __init__(self, lifecycle: Lifecycle) -> None:
         self._lifecycle = lifecycle
 
+    def passing(self) -> bool:
+        """The verdict alone, without building a result (read on every cached probe)."""
+        return not self._lifecycle.shutting_down
+
     async def run(self) -> CheckResult:
         if self._lifecycle.shutting_down:
             return failed(self.name, f"shutting down ({self._lifecycle.signal_name or 'signal'} received): draining")
@@ -41,6 +45,9 @@ class PingCheck:
     timeout: float | None = None
     derived = False
     instant = True
+
+    def passing(self) -> bool:
+        return True
 
     async def run(self) -> CheckResult:
         return passed(self.name)
