@@ -187,7 +187,7 @@ async def hammer(
                 try:
                     code = await asyncio.wait_for(conn.request(raw), 10)
                     load.statuses[path][code] += 1
-                except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.TimeoutError) as e:
+                except (TimeoutError, OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as e:
                     load.errors[type(e).__name__] += 1
                     conn.close()
                 latency = time.monotonic() - t0
