@@ -358,6 +358,7 @@ WARMUP_REQUESTS = 3_000
 RSS_GROWTH_LIMIT = 30 * 1024**2
 FD_GROWTH_LIMIT = 20
 TASK_GROWTH_LIMIT = 20
+POLL_S = 0.05
 
 
 def settled_fds(pid: int, at_most: int, timeout: float = 10.0) -> int:
@@ -365,7 +366,7 @@ def settled_fds(pid: int, at_most: int, timeout: float = 10.0) -> int:
     later), or whatever it is when `timeout` passes: the caller asserts, so the figures are printed either way."""
     deadline = time.monotonic() + timeout
     while (n := open_fds(pid)) > at_most and time.monotonic() < deadline:
-        time.sleep(0.05)  # a poll with a deadline, not a fixed wait
+        time.sleep(POLL_S)  # a poll with a deadline, not a fixed wait
     return n
 
 
