@@ -238,8 +238,11 @@ async def _record(cfg: Config, *, only: str | None, runs: int, force: bool) -> i
             except RecordRefused as e:
                 _err(f"recording refused: {e}")
                 code = max(code, EXIT_FAILED)
-            except (GoldenError, InputError) as e:
+            except GoldenError as e:
                 _err(f"golden error: {e}")
+                return EXIT_USAGE
+            except InputError as e:
+                _err(f"config error: canary {c.name}: {e}")
                 return EXIT_USAGE
             except OSError as e:
                 _err(f"cannot write golden file for canary {c.name}: {e}; the previous golden file is unchanged")
