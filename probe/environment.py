@@ -15,6 +15,7 @@ from typing import Any
 from probe.triton import TritonClient, TritonRequestError, TritonUnreachable
 
 NvmlReader = Callable[[], dict[str, Any]]
+TRITON_TTL_S = 60.0
 
 
 def _no_nvml() -> dict[str, Any]:
@@ -30,7 +31,7 @@ class EnvironmentProbe:
         self._nvml_timeout = nvml_timeout
         self._nvml: dict[str, Any] | None = None
         self._nvml_thread: threading.Thread | None = None
-        self._triton_version: tuple[float, str] | None = None
+        self._triton_part: dict[tuple[str, str], tuple[float, dict[str, Any]]] = {}
 
     async def nvml(self) -> dict[str, Any]:
         if self._nvml is not None:
@@ -71,22 +72,23 @@ class EnvironmentProbe:
         self._nvml = value
         return value
 
-    async def triton_version(self) -> str:
-        now = time.monotonic()
-        if self._triton_version is not None and now - self._triton_version[0] < 60.0:
-            return self._triton_version[1]
-        meta = await self._client.server_metadata()
-        version = str(meta.get("version", ""))
-        self._triton_version = (now, version)
-        return version
-
     async def fingerprint(self, model: str, version: str = "") -> dict[str, Any]:
-        """The environment a canary runs in now. Raises TritonUnreachable/TritonRequestError if Triton fails."""
+        """The environment a canary runs in now. Raises TritonUnreachable/TritonRequestError if Triton fails.
+
+        Triton's part is kept for TRITON_TTL_S: a mismatching canary asks for it on every run, and a rollout
+        that changes Triton or the model restarts the pod anyway.
+        """
         env = dict(await self.nvml())
-        env["triton"] = await self.triton_version()
-        info = await self._client.model_info(model, version)
-        env["platform"] = info.platform
-        env["backend"] = info.backend
+        key = (model, version)
+        now = time.monotonic()
+        cached = self._triton_part.get(key)
+        if cached is None or now - cached[0] >= TRITON_TTL_S:
+            meta = await self._client.server_metadata()
+            info = await self._client.model_info(model, version)
+            part = {"triton": str(meta.get("version", "")), "platform": info.platform, "backend": info.backend}
+            cached = (now, part)
+            self._triton_part[key] = cached
+        env.update(cached[1])
         return env
 
     async def fingerprint_or_none(self, model: str, version: str = "") -> dict[str, Any] | None:

@@ -45,7 +45,6 @@ class Sidecar:
     environment: EnvironmentProbe
     gpu_source: Any = None
     queue: QueueWatcher | None = None
-    canary_checks: list[CanaryCheck] = field(default_factory=list)
     _session: aiohttp.ClientSession | None = None
     _tasks: set[asyncio.Future[Any]] = field(default_factory=set)
 
@@ -177,7 +176,7 @@ def build_sidecar(
         runner.add_listener(log_states, deferred=True)
 
     def gauges(run: Run) -> None:
-        metrics.ready.set(1.0 if all(r.ok for r in run.results.values()) and not lifecycle.shutting_down else 0.0)
+        metrics.ready.set(1.0 if run.ok and not lifecycle.shutting_down else 0.0)
         metrics.live.set(1.0 if liveness.is_live(run.results) else 0.0)
 
     runner.add_listener(gauges, deferred=True)
@@ -194,5 +193,4 @@ def build_sidecar(
         health=health,
         environment=environment,
         gpu_source=gpu_source,
-        canary_checks=canary_checks,
     )

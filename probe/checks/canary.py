@@ -133,7 +133,6 @@ class CanaryCheck:
         self._input_digest = ""
         self._input_error: str | None = None
         self._validated = False
-        self.mismatches = 0
         # What this run learnt about the model's readiness, for model/<canary>: True once Triton answered the
         # inference, False when it said the model is not ready, None when the run learnt nothing.
         self.model_ready_seen: bool | None = None
@@ -189,7 +188,6 @@ class CanaryCheck:
         latency_ms = round(outcome.latency_s * 1000.0, 3)
         details: dict[str, Any] = {"latency_s": outcome.latency_s, "max_abs_error": cmp.max_abs_error}
         if not cmp.ok:
-            self.mismatches += 1
             details["mismatch"] = True
             return failed(self.name, cmp.reason, observed_value=latency_ms, observed_unit="ms", details=details)
         return passed(self.name, cmp.reason, observed_value=latency_ms, observed_unit="ms", details=details)
