@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import logging
 import signal
@@ -23,6 +24,8 @@ EXIT_OK = 0
 EXIT_USAGE = 1
 EXIT_UNREACHABLE = 2
 EXIT_FAILED = 3
+# Idle keep-alive connections are closed after this long, by the front and by aiohttp alike.
+KEEPALIVE_S = 15.0
 
 
 class UsageError(Exception):
@@ -278,6 +281,7 @@ def _serve(cfg: Config, log_level: str) -> int:
 async def _serve_async(cfg: Config, logger: logging.Logger) -> int:
     from aiohttp import web
 
+    from probe.front import serve
     from probe.logs import log
     from probe.server import make_app
     from probe.sidecar import build_sidecar
@@ -294,12 +298,23 @@ async def _serve_async(cfg: Config, logger: logging.Logger) -> int:
         sidecar.runner.flush()  # a scrape sees every finished run, deferred or not
         return sidecar.metrics.expose()
 
-    app = make_app(sidecar.health, metrics=metrics, on_startup=[on_startup], on_cleanup=[on_cleanup])
-    # Short keep-alive and bounded header sizes: idle kubelet connections must not pile up.
-    runner = web.AppRunner(app, handle_signals=False, access_log=None, keepalive_timeout=15.0, shutdown_timeout=2.0)
-    await runner.setup()
-    site = web.TCPSite(runner, cfg.listen.host, cfg.listen.port, backlog=1024, reuse_address=True)
-    await site.start()
+    server_header = f"probe/{__version__}"
+    app = make_app(
+        sidecar.health,
+        metrics=metrics,
+        on_startup=[on_startup],
+        on_cleanup=[on_cleanup],
+        server_header=server_header,
+    )
+    # Short keep-alive: idle kubelet connections must not pile up. The plain probes are answered by a lean
+    # protocol in front of the app; it hands every other request to the app.
+    serving = await serve(
+        app, sidecar.health, cfg.listen.host, cfg.listen.port, keepalive=KEEPALIVE_S, server_header=server_header
+    )
+    # Everything built so far (modules, config, clients) lives until exit: move it out of the collector's
+    # generations, so the periodic full collections a long-running sidecar does stay short.
+    gc.collect()
+    gc.freeze()
     log(
         logger,
         logging.INFO,
@@ -339,6 +354,6 @@ async def _serve_async(cfg: Config, logger: logging.Logger) -> int:
     try:
         await stop.wait()
     finally:
-        await runner.cleanup()
+        await serving.close()
         log(logger, logging.INFO, "probe stopped")
     return EXIT_OK

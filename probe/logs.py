@@ -52,6 +52,11 @@ class StateLogger:
         self._state: bool | None = None
         self._failing: dict[str, str] = {}
 
+    @property
+    def passing(self) -> bool:
+        """The last state logged was passing."""
+        return self._state is True
+
     def observe(self, results: dict[str, CheckResult]) -> None:
         failing = {n: r.reason for n, r in results.items() if not r.ok}
         ok = not failing

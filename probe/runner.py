@@ -138,13 +138,40 @@ class Runner:
             result = failed(check.name, f"internal error: {type(e).__name__}: {e}")
         return result.with_timing(wall, self.clock() - start)
 
-    async def _guarded(self, check: Check, deadline: float) -> CheckResult:
+    def _now(self, check: Check) -> CheckResult | None:
+        """The check's result without waiting, from its optional `now()`, or None when `run()` must wait.
+
+        Checks that mostly read what is already in memory (a vouched `triton`, `model/` and `latency/` after their
+        canary, `gpu` from its sampler) answer here: no task, no timer, no coroutine for them."""
+        quick = getattr(check, "now", None)
+        if quick is None:
+            return None
+        wall = time.time()
+        start = self.clock()
+        try:
+            result: CheckResult | None = quick()
+        except Exception as e:  # a bug in a check must not take the sidecar down; report it as a failure
+            result = failed(check.name, f"internal error: {type(e).__name__}: {e}")
+        return None if result is None else result.with_timing(wall, self.clock() - start)
+
+    def _backed_off(self, check: Check) -> CheckResult | None:
         b = self._backoff.get(check.name)
+        if b is None:
+            return None
         now = self.clock()
-        if b is not None and now < b.until and b.result is not None:
+        if now < b.until and b.result is not None:
             # From the timed-out result, not the last run's: that one already carries a "(retrying in ...)".
             return replace(b.result, reason=f"{b.result.reason} (retrying in {b.until - now:.1f}s)")
-        result = await self._run_one(check, deadline)
+        return None
+
+    async def _guarded(self, check: Check, deadline: float) -> CheckResult:
+        backed_off = self._backed_off(check)
+        if backed_off is not None:
+            return backed_off
+        return self._settle(check, await self._run_one(check, deadline))
+
+    def _settle(self, check: Check, result: CheckResult) -> CheckResult:
+        """Start, double or clear the check's hang backoff from its result."""
         if result.details.get("timeout"):
             b = self._backoff.setdefault(check.name, _Backoff())
             b.delay = min(self.hang_backoff, max(b.delay * 2, self.min_interval, 0.1))
@@ -169,10 +196,30 @@ class Runner:
         )
         derived = [c for c in selected if _is_derived(c)]
         results: dict[str, CheckResult] = {}
-        done = await asyncio.gather(*(self._guarded(c, deadline) for c in primary))
-        results.update({r.name: r for r in done})
+        waiting = []
+        for c in primary:
+            quick = self._backed_off(c)
+            if quick is None:
+                quick = self._now(c)
+                if quick is not None:
+                    self._settle(c, quick)
+            if quick is None:
+                waiting.append(c)
+            else:
+                results[c.name] = quick
+        # The slowest check that must wait runs in this task, the others in their own: one task fewer per run,
+        # and the slowest still starts first (the tasks start when it first waits, on its request to Triton).
+        others = [asyncio.ensure_future(self._guarded(c, deadline)) for c in waiting[1:]]
+        try:
+            if waiting:
+                results[waiting[0].name] = await self._guarded(waiting[0], deadline)
+            for c, r in zip(waiting[1:], await asyncio.gather(*others), strict=True):
+                results[c.name] = r
+        finally:
+            for t in others:
+                t.cancel()  # only matters when this run itself is cancelled
         for c in derived:
-            results[c.name] = await self._run_one(c, deadline)
+            results[c.name] = self._now(c) or await self._run_one(c, deadline)
         results = {c.name: results[c.name] for c in selected}
         self._sequence += 1
         run = Run(
@@ -217,9 +264,13 @@ class Runner:
         last = self.cached()
         if last is not None:
             return last
+        return await asyncio.shield(self.run_future())
+
+    def run_future(self) -> asyncio.Future[Run]:
+        """The run in flight, started now if there is none: every caller until it finishes shares it."""
         if self._inflight is None or self._inflight.done():
             self._inflight = asyncio.ensure_future(self.run_once())
-        return await asyncio.shield(self._inflight)
+        return self._inflight
 
     async def instant_results(self) -> dict[str, CheckResult]:
         out = {}
@@ -233,6 +284,16 @@ class Runner:
     async def snapshot(self) -> dict[str, CheckResult]:
         """Every check's current result: cached or fresh run, plus instant checks evaluated now."""
         return await self.merge(await self.results())
+
+    def instant_passing(self) -> bool | None:
+        """Do the instant checks pass, from their `passing()` alone? None if one of them has no `passing()`."""
+        ok = True
+        for c in self._instant:
+            passing = getattr(c, "passing", None)
+            if passing is None:
+                return None
+            ok = ok and bool(passing())
+        return ok
 
     async def instant_ok(self) -> bool:
         """Do the instant checks pass? Uses their cheap `passing()` where they have one."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -16,13 +17,20 @@ from typing import Any
 from aiohttp import web
 
 from probe.checks.base import CheckResult, failed
-from probe.runner import Liveness, Runner
+from probe.runner import Liveness, Run, Runner
 
 HEALTH_JSON = "application/health+json"
 # Slack over probe.timeout for the answer's own work; the runner already keeps ANSWER_MARGIN back.
 ANSWER_SLACK = 0.05
 
 Hook = Callable[[web.Application], Awaitable[None]]
+
+
+def _deliver(deliver: Deliver, ok: bool) -> None:
+    try:
+        deliver(ok)
+    except Exception:  # one broken connection must not keep the other waiting probes from their answers
+        logging.getLogger("probe").exception("delivering a probe answer failed")
 
 
 def _iso(ts: float) -> str:
@@ -39,6 +47,10 @@ def check_json(r: CheckResult) -> dict[str, Any]:
     return d
 
 
+READY, LIVE = "ready", "live"
+Deliver = Callable[[bool], None]
+
+
 class Health:
     """Readiness and liveness views over the runner's results."""
 
@@ -46,6 +58,47 @@ class Health:
         self.runner = runner
         self.liveness = liveness
         self.timeout = timeout
+        self._waiting: dict[asyncio.Future[Run], list[tuple[str, Deliver]]] = {}
+
+    # ------------------------------------------------------------------ plain verdicts, for the probe front
+
+    def now(self, kind: str) -> bool | None:
+        """The plain verdict of `kind` ("ready" or "live") from the cached run, or None when it needs a run."""
+        return self.ready_now() if kind == READY else self.live_now()
+
+    def later(self, kind: str, deliver: Deliver) -> None:
+        """Call `deliver(ok)` with the plain verdict of `kind` once the shared run in flight finishes (starting
+        one if none is), and never later than `timeout` plus a little slack: no task per waiting probe, and
+        one guard timer per run however many probes wait on it."""
+        if kind == READY and self.runner.instant_passing() is None:  # an instant check without passing()
+            task = asyncio.ensure_future(self.ready_ok())
+            task.add_done_callback(lambda t: deliver(False if t.cancelled() or t.exception() else t.result()))
+            return
+        fut = self.runner.run_future()
+        waiting = self._waiting.get(fut)
+        if waiting is None:
+            waiting = self._waiting[fut] = []
+            guard = asyncio.get_running_loop().call_later(self.timeout + ANSWER_SLACK / 2, self._late, fut)
+            fut.add_done_callback(lambda f: self._settled(f, guard))
+        waiting.append((kind, deliver))
+
+    def _settled(self, fut: asyncio.Future[Run], guard: asyncio.TimerHandle) -> None:
+        guard.cancel()
+        run = None if fut.cancelled() or fut.exception() is not None else fut.result()
+        for kind, deliver in self._waiting.pop(fut, []):
+            if run is None:
+                ok = kind == LIVE  # as when a run does not finish: readiness fails, liveness holds
+            elif kind == READY:
+                ok = run.ok and bool(self.runner.instant_passing())
+            else:
+                ok = self.liveness.is_live(run.results)
+            _deliver(deliver, ok)
+
+    def _late(self, fut: asyncio.Future[Run]) -> None:  # pragma: no cover - the runner's budget prevents it
+        for kind, deliver in self._waiting.pop(fut, []):
+            _deliver(deliver, kind == LIVE)
+
+    # ------------------------------------------------------------------------------ full results, for the app
 
     async def results(self) -> dict[str, CheckResult]:
         run = self.runner.cached()
@@ -60,12 +113,33 @@ class Health:
     async def ready(self) -> dict[str, CheckResult]:
         return await self.results()
 
+    def ready_now(self) -> bool | None:
+        """Readiness from the cached run without waiting, or None when answering needs a run."""
+        run = self.runner.cached()
+        if run is None:
+            return None
+        instant = self.runner.instant_passing()
+        return None if instant is None else run.ok and instant
+
     async def ready_ok(self) -> bool:
         """Just the aggregate readiness, for the plain `/ready` every kubelet sends: no per-check rendering."""
         run = self.runner.cached()
         if run is None:
             return all(r.ok for r in (await self.results()).values())
         return run.ok and await self.runner.instant_ok()
+
+    def live_now(self) -> bool | None:
+        """Liveness from the cached run without waiting, or None when answering needs a run.
+
+        Instant checks never fail liveness (`ping` always passes, `shutdown` drains without a restart)."""
+        run = self.runner.cached()
+        return None if run is None else self.liveness.is_live(run.results)
+
+    async def live_ok(self) -> bool:
+        now = self.live_now()
+        if now is not None:
+            return now
+        return all(r.ok for r in (await self.live()).values())
 
     async def live(self) -> dict[str, CheckResult]:
         return self.liveness.verdict(await self.results())
@@ -120,6 +194,7 @@ def make_app(
     metrics: Callable[[], tuple[bytes, str]] | None = None,
     on_startup: list[Hook] | None = None,
     on_cleanup: list[Hook] | None = None,
+    server_header: str | None = None,
 ) -> web.Application:
     """The aiohttp app: routes only; everything it needs is passed in (no globals)."""
 
@@ -127,8 +202,8 @@ def make_app(
         if not request.query_string and not _wants_json(request):
             # The kubelet's probe: answered from the run's precomputed verdict, nothing rendered per check.
             if await health.ready_ok():
-                return web.Response(body=b"ok", content_type="text/plain")
-            return web.Response(status=503, body=b"ready check failed", content_type="text/plain")
+                return web.Response(text="ok", content_type="text/plain")
+            return web.Response(status=503, text="ready check failed", content_type="text/plain")
         return _aggregate("ready", await health.ready(), request)
 
     async def ready_one(request: web.Request) -> web.Response:
@@ -157,6 +232,12 @@ def make_app(
     app.router.add_get("/live", live)
     app.router.add_get("/live/{check:.+}", live_one)
     app.router.add_get("/metrics", metrics_view)
+    if server_header is not None:
+
+        async def name_server(_: web.Request, response: web.StreamResponse) -> None:
+            response.headers["Server"] = server_header
+
+        app.on_response_prepare.append(name_server)
     for hook in on_startup or []:
         app.on_startup.append(hook)
     for hook in on_cleanup or []:

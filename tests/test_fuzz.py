@@ -24,7 +24,6 @@ from typing import Any
 import pytest
 import yaml
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
@@ -32,6 +31,7 @@ from prometheus_client import CollectorRegistry
 from probe.checks.base import CheckResult, failed, passed
 from probe.checks.lifecycle import Lifecycle, PingCheck, ShutdownCheck
 from probe.config import Config, ConfigError, load_config, parse_config
+from probe.front import Serving, serve
 from probe.golden import Golden, GoldenError, load_golden, parse_golden
 from probe.metrics import Metrics
 from probe.runner import Liveness, Runner
@@ -419,7 +419,7 @@ PARSER_REJECTS = {400, 413, 414, 431}
 @dataclass
 class App:
     loop: asyncio.AbstractEventLoop
-    server: TestServer
+    server: Serving
     checks: dict[str, ScenarioCheck]
     lifecycle: Lifecycle
     runner: Runner
@@ -438,14 +438,15 @@ def http_app() -> Iterator[App]:
     runner.add_listener(liveness.observe)
     metrics = Metrics(CollectorRegistry())
     runner.add_listener(metrics.observe_run)
-    app: web.Application = make_app(Health(runner, liveness, timeout=0.5), metrics=metrics.expose)
+    health = Health(runner, liveness, timeout=0.5)
+    app: web.Application = make_app(health, metrics=metrics.expose)
     loop = asyncio.new_event_loop()
-    server = TestServer(app, host="127.0.0.1")
-    loop.run_until_complete(server.start_server())
+    # The same stack `probe serve` listens with: the probe front, handing everything it does not answer to the app.
+    serving = loop.run_until_complete(serve(app, health, "127.0.0.1", 0))
     try:
-        yield App(loop, server, checks, lifecycle, runner)
+        yield App(loop, serving, checks, lifecycle, runner)
     finally:
-        loop.run_until_complete(server.close())
+        loop.run_until_complete(serving.close())
         loop.close()
 
 

@@ -137,6 +137,10 @@ class CanaryCheck:
         # inference, False when it said the model is not ready, None when the run learnt nothing.
         self.model_ready_seen: bool | None = None
         self.finished = True  # False only while a run is in flight, or after the runner cancelled one
+        # Whether the last *completed* run's inference got outputs back from Triton. Unlike model_ready_seen it
+        # keeps its value while the next run is in flight, so `triton`, running beside that run, can rely on it.
+        self.answered = False
+        self._answered_now = False
 
     def _load_inputs(self) -> None:
         if self._inputs is None and self._input_error is None:
@@ -149,8 +153,14 @@ class CanaryCheck:
     async def run(self) -> CheckResult:
         self.model_ready_seen = None
         self.finished = False
-        result = await self._run()
-        self.finished = True  # not reached when the runner cancels a hung canary
+        self._answered_now = False
+        try:
+            result = await self._run()
+        except BaseException:  # cancelled by the runner's deadline: nothing was answered
+            self.answered = False
+            raise
+        self.finished = True
+        self.answered = self._answered_now
         return result
 
     async def _run(self) -> CheckResult:
@@ -178,7 +188,7 @@ class CanaryCheck:
         except TritonRequestError as e:
             self._validated = False  # the model may have been replaced; re-check its metadata next time
             return await self._request_failed(e)
-        self.model_ready_seen = True
+        self.model_ready_seen = self._answered_now = True
         self.tracker.add(outcome.latency_s)
         cmp = compare_outputs(golden, outcome.outputs, c.compare)
         if not cmp.ok:

@@ -33,6 +33,10 @@ class GpuCheck:
         self._clock = clock
 
     async def run(self) -> CheckResult:
+        return self.now()
+
+    def now(self) -> CheckResult:
+        """Reads the sampler's latest sample: never waits (the sampler's thread or task does the waiting)."""
         sample = self._source.latest()
         if sample is None:
             return failed(self.name, "no GPU sample yet")

@@ -32,12 +32,19 @@ class ModelCheck:
         c = self._canary
         return f"model {c.model}" + (f" version {c.version}" if c.version else "")
 
+    def now(self) -> CheckResult | None:
+        """The verdict from what the canary's run learnt, or None when Triton must be asked."""
+        result = self._judge_now()
+        if result is not None:
+            self._last = result
+        return result
+
     async def run(self) -> CheckResult:
-        result = await self._judge()
+        result = self._judge_now() or await self._ask()
         self._last = result
         return result
 
-    async def _judge(self) -> CheckResult:
+    def _judge_now(self) -> CheckResult | None:
         seen = self._canary_check.model_ready_seen if self._canary_check is not None else None
         if seen is True:
             return passed(self.name)
@@ -48,7 +55,7 @@ class ModelCheck:
                 note = "not re-asked: the canary did not finish"
                 return replace(self._last, reason=f"{self._last.reason.split(' (not re-asked')[0]} ({note})")
             return passed(self.name, "ok (not asked: the canary did not finish)")
-        return await self._ask()
+        return None
 
     async def _ask(self) -> CheckResult:
         c = self._canary

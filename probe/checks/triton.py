@@ -42,12 +42,18 @@ class TritonCheck:
         self._confirmed_at: float | None = None
 
     def _vouched(self) -> bool:
-        """The canaries of the previous run were answered and readiness was confirmed recently."""
+        """The canaries' last completed runs were answered and readiness was confirmed recently.
+
+        Reads `answered`, not `finished`: this run's canaries start first and are still in flight here."""
         if not self._canaries or self._confirmed_at is None:
             return False
         if self._clock() - self._confirmed_at >= self._ready_every:
             return False
-        return all(c.finished and c.model_ready_seen for c in self._canaries)
+        return all(c.answered for c in self._canaries)
+
+    def now(self) -> CheckResult | None:
+        """Passed without a request while the canaries vouch for Triton; None when it must be asked."""
+        return passed(self.name) if self._vouched() else None
 
     async def run(self) -> CheckResult:
         if self._vouched():
