@@ -139,14 +139,15 @@ def _validate(cfg: Config) -> int:
 
 
 def _select(cfg: Config, only: str | None, names: Sequence[str]) -> list[str] | None:
-    """The check names `--only` selects (triton always included), or None for all."""
+    """The check names `--only` selects, or None for all: a canary brings its model/, canary/ and latency/ checks;
+    every selection includes `triton` except `gpu`, which reads the GPUs alone."""
     if only is None:
         return None
     canaries = [c.name for c in cfg.canaries]
     if only in canaries:
         return ["triton", f"model/{only}", f"canary/{only}", f"latency/{only}"]
     if only in names:
-        return sorted({"triton", only})
+        return [only] if only == "gpu" else sorted({"triton", only})
     raise UsageError(f"--only {only}: no canary or check of that name (checks: {', '.join(names)})")
 
 
@@ -181,10 +182,12 @@ async def _check(cfg: Config, *, only: str | None, as_json: bool) -> int:
         return EXIT_USAGE
     await sidecar.start(background=False)
     try:
-        down = await _triton_live(sidecar)
-        if down is not None:
-            _err(f"triton unreachable: {down}")
-            return EXIT_UNREACHABLE
+        # Everything but a lone GPU check needs Triton: say so once, with exit 2, rather than as failed checks.
+        if selected != ["gpu"]:
+            down = await _triton_live(sidecar)
+            if down is not None:
+                _err(f"triton unreachable: {down}")
+                return EXIT_UNREACHABLE
         await sidecar.wait_first_gpu_sample(min(2.0, cfg.gpu.stale_limit))
         run = await sidecar.runner.run_once(names=selected)
     finally:

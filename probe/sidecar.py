@@ -58,6 +58,8 @@ class Sidecar:
             else:
                 self.gpu_source.start()
         if background:
+            # The first run should see a GPU sample, or serve's first state line is a spurious "no GPU sample yet".
+            await self.wait_first_gpu_sample(min(2.0, self.cfg.gpu.stale_limit))
             self.runner.start()
             if self.queue is not None:
                 self.spawn(self.queue.run(self._session))

@@ -778,3 +778,31 @@ def test_real_nvml_reads_every_visible_gpu() -> None:
         assert result.ok or result.restart_worthy, result.reason
     finally:
         assert sampler.stop(timeout=5.0)
+
+
+# ------------------------------------------------------------------------------------- the CLI, GPU alone
+
+
+def test_check_only_gpu_reads_the_gpus_while_triton_is_down(
+    tmp_path: Path, fake_nvml_lib: Path, nvml: FakeNvmlState
+) -> None:
+    """`probe check --only gpu` is a node-level GPU check: it must not need (or wait for) Triton."""
+    cfg = helpers.write_config(
+        tmp_path, f"127.0.0.1:{helpers.free_port()}", [], gpu={"source": "nvml", "min_free": "10GiB"}
+    )
+    env = {
+        "LD_LIBRARY_PATH": os.pathsep.join(
+            p for p in (str(fake_nvml_lib.parent), os.environ.get("LD_LIBRARY_PATH")) if p
+        ),
+        "NVIDIA_VISIBLE_DEVICES": "all",
+    }
+    ok = helpers.run_cli("check", "-c", str(cfg), "--only", "gpu", env=env)
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.startswith("[+]gpu ok: GPU-aaaa free ") and "triton" not in ok.stdout
+    nvml.set(gpus=[FakeGpu(uuid="GPU-aaaa", used=H100_TOTAL - 2 * GiB)])
+    short = helpers.run_cli("check", "-c", str(cfg), "--only", "gpu", env=env)
+    assert short.returncode == 3, short.stderr
+    assert short.stdout.startswith("[-]gpu failed: GPU-aaaa") and "< min_free 10.0GiB" in short.stdout
+    # Anything else still needs Triton first, and says so with exit 2.
+    down = helpers.run_cli("check", "-c", str(cfg), env=env)
+    assert down.returncode == 2 and down.stderr.startswith("probe: triton unreachable: "), down.stderr
