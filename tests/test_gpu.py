@@ -464,6 +464,7 @@ def test_memory_leak_shows_as_a_positive_used_trend(
 ) -> None:
     cfg = gpu_cfg(interval=0.02)
     sampler = sampler_factory(cfg)
+    first_sample(sampler)  # `current()` below asserts a sample exists: wait for the first one, not race it
     for step in range(1, 6):
         used = step * 64 * 1024**2
         nvml.set(gpus=(FakeGpu("GPU-aaaa", used=used),))
