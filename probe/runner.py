@@ -91,6 +91,7 @@ class Runner:
         self.history: deque[Run] = deque(maxlen=history)
         self._on_run = list(on_run)
         self._after_run: list[Callable[[Run], None]] = []
+        self._on_done: list[Callable[[Run], None]] = []
         self._pending: list[Run] = []
         self._last: Run | None = None
         self._inflight: asyncio.Future[Run] | None = None
@@ -111,6 +112,11 @@ class Runner:
         """Call `fn(run)` after each run: at once (state the answer depends on, like liveness), or `deferred`
         to just after the answer has been sent (metrics, logs)."""
         (self._after_run if deferred else self._on_run).append(fn)
+
+    def add_done_hook(self, fn: Callable[[Run], None]) -> None:
+        """Call `fn(run)` at the very end of each run, after every listener, still inside the run's own task:
+        probes waiting on the run are answered there, without waiting for another turn of the event loop."""
+        self._on_done.append(fn)
 
     # ------------------------------------------------------------------------------------------ running
 
@@ -234,6 +240,8 @@ class Runner:
             self._last = run
             self.history.append(run)
         for fn in self._on_run:
+            fn(run)
+        for fn in self._on_done:
             fn(run)
         if self._after_run:
             self._pending.append(run)

@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -51,6 +52,14 @@ READY, LIVE = "ready", "live"
 Deliver = Callable[[bool], None]
 
 
+@dataclass
+class _Waiting:
+    """The plain probes waiting on one run, and the timer that answers them if the run never finishes."""
+
+    guard: asyncio.TimerHandle
+    probes: list[tuple[str, Deliver]] = field(default_factory=list)
+
+
 class Health:
     """Readiness and liveness views over the runner's results."""
 
@@ -58,7 +67,8 @@ class Health:
         self.runner = runner
         self.liveness = liveness
         self.timeout = timeout
-        self._waiting: dict[asyncio.Future[Run], list[tuple[str, Deliver]]] = {}
+        self._waiting: dict[asyncio.Future[Any], _Waiting] = {}
+        runner.add_done_hook(self._run_done)
 
     # ------------------------------------------------------------------ plain verdicts, for the probe front
 
@@ -77,26 +87,41 @@ class Health:
         fut = self.runner.run_future()
         waiting = self._waiting.get(fut)
         if waiting is None:
-            waiting = self._waiting[fut] = []
             guard = asyncio.get_running_loop().call_later(self.timeout + ANSWER_SLACK / 2, self._late, fut)
-            fut.add_done_callback(lambda f: self._settled(f, guard))
-        waiting.append((kind, deliver))
+            waiting = self._waiting[fut] = _Waiting(guard)
+            fut.add_done_callback(self._settled)  # only if the run ended without reaching its done hook
+        waiting.probes.append((kind, deliver))
 
-    def _settled(self, fut: asyncio.Future[Run], guard: asyncio.TimerHandle) -> None:
-        guard.cancel()
-        run = None if fut.cancelled() or fut.exception() is not None else fut.result()
-        for kind, deliver in self._waiting.pop(fut, []):
+    def _run_done(self, run: Run) -> None:
+        """The runner's done hook: answer the probes waiting on this run (it runs in the run's own task)."""
+        if not self._waiting:
+            return
+        task = asyncio.current_task()
+        waiting = self._waiting.pop(task, None) if task is not None else None
+        if waiting is not None:
+            self._answer(waiting, run)
+
+    def _settled(self, fut: asyncio.Future[Any]) -> None:
+        waiting = self._waiting.pop(fut, None)
+        if waiting is not None:  # cancelled or crashed before its done hook: nothing to judge by
+            run = None if fut.cancelled() or fut.exception() is not None else fut.result()
+            self._answer(waiting, run)
+
+    def _late(self, fut: asyncio.Future[Any]) -> None:
+        waiting = self._waiting.pop(fut, None)
+        if waiting is not None:
+            self._answer(waiting, None)
+
+    def _answer(self, waiting: _Waiting, run: Run | None) -> None:
+        waiting.guard.cancel()
+        for kind, deliver in waiting.probes:
             if run is None:
-                ok = kind == LIVE  # as when a run does not finish: readiness fails, liveness holds
+                ok = kind == LIVE  # as when a run does not finish in time: readiness fails, liveness holds
             elif kind == READY:
                 ok = run.ok and bool(self.runner.instant_passing())
             else:
                 ok = self.liveness.is_live(run.results)
             _deliver(deliver, ok)
-
-    def _late(self, fut: asyncio.Future[Run]) -> None:  # pragma: no cover - the runner's budget prevents it
-        for kind, deliver in self._waiting.pop(fut, []):
-            _deliver(deliver, kind == LIVE)
 
     # ------------------------------------------------------------------------------ full results, for the app
 

@@ -302,6 +302,27 @@ async def test_a_client_that_half_closes_still_gets_its_answer(stack: Stack) -> 
         conn.close()
 
 
+async def test_probes_waiting_on_a_cancelled_run_are_answered(stack: Stack) -> None:
+    """A run cancelled before its done hook (the runner stopping under it) still answers whoever waited."""
+    stack.canary.gate = asyncio.Event()
+    ready_conn, live_conn = await Conn.open(stack.port), await Conn.open(stack.port)
+    try:
+        await ready_conn.send(get("/ready"))
+        await live_conn.send(get("/live"))
+        await until(lambda: stack.canary.runs == 1)
+        await asyncio.sleep(0)  # let the second probe's bytes reach the front too
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await stack.runner.stop()
+        ready, live = await ready_conn.answer(timeout=5), await live_conn.answer(timeout=5)
+        assert loop.time() - started < 1.0  # answered by the cancellation, not by the 2 s guard
+    finally:
+        ready_conn.close()
+        live_conn.close()
+    assert (ready.status, live.status) == (503, 200)
+    assert stack.canary.runs == 1
+
+
 async def test_shutdown_fails_ready_from_the_cache() -> None:
     s = await start(min_interval=3600)
     try:
@@ -374,6 +395,9 @@ class NeverRunner:
 
     def cached(self) -> None:
         return None
+
+    def add_done_hook(self, fn: Any) -> None:
+        pass
 
     def instant_passing(self) -> bool:
         return True
