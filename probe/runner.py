@@ -83,6 +83,8 @@ class Runner:
             raise ValueError(f"duplicate check names: {names}")
         self.checks = list(checks)
         self._instant = [c for c in self.checks if _is_instant(c)]
+        self._scheduled = [c for c in self.checks if not _is_instant(c)]
+        self._derived = {c.name for c in self._scheduled if _is_derived(c)}
         self.timeout = timeout
         self.min_interval = min_interval
         self.interval = interval
@@ -190,17 +192,17 @@ class Runner:
     async def run_once(self, *, names: Iterable[str] | None = None) -> Run:
         """Run the (selected, non-instant) checks now, bounded by the probe budget."""
         wanted = set(names) if names is not None else None
-        selected = [c for c in self.checks if not _is_instant(c) and (wanted is None or c.name in wanted)]
+        selected = self._scheduled if wanted is None else [c for c in self._scheduled if c.name in wanted]
         started = self.clock()
         wall = time.time()
         deadline = started + self._budget()
         prev = self._last.results if self._last else {}
         # Slowest first (by the last run): the canary's request reaches Triton before the quick health calls.
         primary = sorted(
-            (c for c in selected if not _is_derived(c)),
+            (c for c in selected if c.name not in self._derived),
             key=lambda c: -prev[c.name].duration if c.name in prev else 0.0,
         )
-        derived = [c for c in selected if _is_derived(c)]
+        derived = [c for c in selected if c.name in self._derived]
         results: dict[str, CheckResult] = {}
         waiting = []
         for c in primary:

@@ -73,10 +73,12 @@ def _header(datatype: str, shape: tuple[int, ...]) -> bytes:
     return head
 
 
-def _elements(datatype: str, arr: np.ndarray[Any, Any]) -> memoryview:
+def _elements(datatype: str, arr: np.ndarray[Any, Any]) -> Any:
     """The elements of a non-BYTES tensor as little-endian C-order bytes (BOOL as one byte each)."""
-    dt = NUMPY_DTYPES[datatype]
-    data = np.ascontiguousarray(arr, dtype=np.uint8 if datatype == "BOOL" else dt)
+    dt = np.dtype(np.uint8) if datatype == "BOOL" else NUMPY_DTYPES[datatype]
+    if arr.dtype == dt and arr.flags.c_contiguous:
+        return arr  # already the canonical bytes (what Triton's answers decode to): hashed in place, no copy
+    data = np.ascontiguousarray(arr, dtype=dt)
     return data.reshape(-1).view(np.uint8).data
 
 

@@ -21,6 +21,10 @@ import numpy as np
 from probe.config import CanaryConfig
 
 
+class _NeverRaised(Exception):
+    """Stands in for tritonclient's InferenceServerException until open() imports it."""
+
+
 class TritonUnreachable(Exception):
     """No usable answer from Triton: connection refused or reset, or a reply that is not Triton's."""
 
@@ -103,10 +107,17 @@ class TritonClient:
         self._client: Any = None
         self._session: aiohttp.ClientSession | None = None
         self._requests: dict[str, _Request] = {}
+        # tritonclient's parts used on every canary, bound by open() (importing tritonclient is slow: not at
+        # import time, and not once per call either).
+        self._server_error: Any = _NeverRaised
+        self._parse_response: Any = None
 
     async def open(self) -> None:
         import tritonclient.http.aio as aio  # deferred: importing tritonclient is slow and not needed to validate
+        from tritonclient.utils import InferenceServerException
 
+        self._server_error = InferenceServerException
+        self._parse_response = aio.InferenceServerClient.parse_response_body
         if self._client is None:
             self._client = aio.InferenceServerClient(
                 self.url, conn_limit=self._conn_limit, conn_timeout=BACKSTOP_S, ssl=self.ssl
@@ -141,11 +152,9 @@ class TritonClient:
         return self._client
 
     async def _call(self, what: str, coro: Any) -> Any:
-        from tritonclient.utils import InferenceServerException
-
         try:
             return await coro
-        except InferenceServerException as e:
+        except self._server_error as e:
             raise TritonRequestError(f"{what}: {_reason(e)}") from None
         except (aiohttp.ClientConnectionError, ConnectionError) as e:
             raise TritonUnreachable(f"{what}: cannot connect to Triton at {self.url}: {_reason(e)}") from None
@@ -227,9 +236,6 @@ class TritonClient:
 
     async def _post_infer(self, req: _Request) -> Any:
         """POST a generated request; decode the answer, or raise what `InferenceServerClient.infer` raises."""
-        import tritonclient.http.aio as aio
-        from tritonclient.utils import InferenceServerException
-
         if self._session is None:
             raise RuntimeError("TritonClient used before open()")
         async with self._session.post(req.url, data=req.body, headers=req.headers) as resp:
@@ -240,8 +246,8 @@ class TritonClient:
                     message = str(json.loads(text)["error"]) if text else "client received an empty response"
                 except (ValueError, KeyError, TypeError) as e:
                     message = f"an exception occurred in the client while decoding the response: {e}"
-                raise InferenceServerException(msg=message, status=str(resp.status))
-            return aio.InferenceServerClient.parse_response_body(
+                raise self._server_error(msg=message, status=str(resp.status))
+            return self._parse_response(
                 data,
                 header_length=resp.headers.get("Inference-Header-Content-Length"),
                 content_encoding=resp.headers.get("Content-Encoding"),
