@@ -26,8 +26,6 @@ from probe.checks.base import Check, CheckResult, failed
 Clock = Callable[[], float]
 # Time kept back from the probe budget so the HTTP answer itself fits inside probe.timeout.
 ANSWER_MARGIN = 0.02
-# Deferred listeners run this long after a run, once its answers are on the wire.
-DEFER_S = 0.005
 
 
 @dataclass(frozen=True)
@@ -248,8 +246,10 @@ class Runner:
         if self._after_run:
             self._pending.append(run)
             if len(self._pending) == 1:
-                # A few ms later, so the probe's answer goes out first; flush() catches up before a scrape.
-                asyncio.get_running_loop().call_later(DEFER_S, self.flush)
+                # On the loop's next turn: the done hooks above have already written the waiting probes'
+                # answers, and a fixed delay would only land the work inside the next probe. flush() also
+                # catches up before a scrape.
+                asyncio.get_running_loop().call_soon(self.flush)
         return run
 
     def flush(self) -> None:
