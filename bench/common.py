@@ -308,3 +308,57 @@ def wrk(url: str, *, concurrency: int, seconds: float) -> LoadResult:
     bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     errors = int(bad.group(1)) if bad else 0
     return LoadResult(requests=int(m.group(1)) - errors, errors=errors, seconds=secs)
+
+
+# ---------------------------------------------------------------------------------------------- timed requests
+
+
+class RawInference:
+    """A raw `tritonclient.http.aio` inference of the config's first canary, as any client would send it: new
+    InferInput objects each time, binary data, every recorded output decoded. Calling it times one inference."""
+
+    def __init__(self, config_path: str, triton_url: str) -> None:
+        from probe.config import load_config
+        from probe.golden import load_golden
+        from probe.tensors import build_inputs
+
+        cfg = load_config(config_path)
+        self.canary = cfg.canaries[0]
+        self.inputs = build_inputs(self.canary)
+        self.outputs = list(load_golden(cfg.golden_path(self.canary.name)).records[0].outputs)
+        self.url = triton_url.removeprefix("http://")
+        self.client: Any = None
+
+    async def __aenter__(self) -> RawInference:
+        import tritonclient.http.aio as aio
+
+        self.client = aio.InferenceServerClient(self.url)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.client.close()
+
+    async def __call__(self) -> float:
+        import tritonclient.http as http
+
+        t = time.perf_counter()
+        req = []
+        for spec in self.canary.inputs:
+            inp = http.InferInput(spec.name, list(self.inputs[spec.name].shape), spec.datatype)
+            inp.set_data_from_numpy(self.inputs[spec.name], binary_data=True)
+            req.append(inp)
+        out = [http.InferRequestedOutput(o, binary_data=True) for o in self.outputs]
+        result = await self.client.infer(self.canary.model, req, outputs=out)
+        for o in self.outputs:
+            result.as_numpy(o)
+        return time.perf_counter() - t
+
+
+async def timed_get(session: Any, url: str, *, must_pass: bool = True) -> float:
+    """Seconds for one GET of `url` on `session`, body read; raises unless it answered 200 (when `must_pass`)."""
+    t = time.perf_counter()
+    async with session.get(url) as r:
+        await r.read()
+        if must_pass and r.status != 200:
+            raise RuntimeError(f"{url} answered {r.status}: {await r.text()}")
+    return time.perf_counter() - t

@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing as mp
-import time
 from dataclasses import dataclass
 from typing import Any
 
-from common import FRESH, Stack, free_port, median, percentile, run_standalone, table
+from common import FRESH, RawInference, Stack, free_port, median, percentile, run_standalone, table, timed_get
 
 COPIES = 3
 N = 200
@@ -136,45 +135,12 @@ class Overhead:
 
 async def _measure(bases: dict[str, str], triton_url: str, config: str) -> Overhead:
     import aiohttp
-    import tritonclient.http as http
-    import tritonclient.http.aio as aio
 
-    from probe.config import load_config
-    from probe.golden import load_golden
-    from probe.tensors import build_inputs
-
-    cfg = load_config(config)
-    canary = cfg.canaries[0]
-    inputs = build_inputs(canary)
-    outputs = list(load_golden(cfg.golden_path(canary.name)).records[0].outputs)
-    client = aio.InferenceServerClient(triton_url.removeprefix("http://"))
-    session = aiohttp.ClientSession()
     ms: dict[str, list[float]] = {name: [] for name in [*bases, "raw"]}
-    try:
-
-        async def ready(base: str) -> float:
-            t = time.perf_counter()
-            async with session.get(base + "/ready") as r:
-                await r.read()
-                if r.status != 200:
-                    raise RuntimeError(f"{base}/ready answered {r.status}")
-            return time.perf_counter() - t
-
-        async def raw() -> float:
-            t = time.perf_counter()
-            req = []
-            for spec in canary.inputs:
-                inp = http.InferInput(spec.name, list(inputs[spec.name].shape), spec.datatype)
-                inp.set_data_from_numpy(inputs[spec.name], binary_data=True)
-                req.append(inp)
-            result = await client.infer(
-                canary.model, req, outputs=[http.InferRequestedOutput(o, binary_data=True) for o in outputs]
-            )
-            for o in outputs:
-                result.as_numpy(o)
-            return time.perf_counter() - t
-
-        steps: list[tuple[str, Any]] = [(name, lambda b=base: ready(b)) for name, base in bases.items()]
+    async with aiohttp.ClientSession() as session, RawInference(config, triton_url) as raw:
+        steps: list[tuple[str, Any]] = [
+            (n, lambda b=base: timed_get(session, b + "/ready")) for n, base in bases.items()
+        ]
         steps.append(("raw", raw))
         for i in range(WARMUP + N):  # rotate the order, so no side always runs right after another
             k = i % len(steps)
@@ -182,9 +148,6 @@ async def _measure(bases: dict[str, str], triton_url: str, config: str) -> Overh
                 seconds = await step()
                 if i >= WARMUP:
                     ms[name].append(seconds * 1000)
-    finally:
-        await session.close()
-        await client.close()
     return Overhead(ms)
 
 

@@ -25,7 +25,19 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from common import FRESH, Stack, cpu_seconds, mark, median, percentile, run_standalone, table, vm_status
+from common import (
+    FRESH,
+    RawInference,
+    Stack,
+    cpu_seconds,
+    mark,
+    median,
+    percentile,
+    run_standalone,
+    table,
+    timed_get,
+    vm_status,
+)
 
 N = 200
 WARMUP = 20
@@ -114,64 +126,17 @@ async def _metrics(session: Any, base: str) -> dict[str, float]:
 
 async def _measure(base: str, triton_url: str, config_path: str, pid: int) -> ReadyVsRaw:
     import aiohttp
-    import tritonclient.http as http
-    import tritonclient.http.aio as aio
 
-    from probe.config import load_config
-    from probe.golden import load_golden
-    from probe.tensors import build_inputs
-
-    cfg = load_config(config_path)
-    canary = cfg.canaries[0]
-    inputs = build_inputs(canary)
-    outputs = list(load_golden(cfg.golden_path(canary.name)).records[0].outputs)
-
-    client = aio.InferenceServerClient(triton_url.removeprefix("http://"))
-    session = aiohttp.ClientSession()
-    try:
-
-        async def ready() -> float:
-            t = time.perf_counter()
-            async with session.get(base + "/ready") as r:
-                await r.read()
-                if r.status != 200:
-                    raise RuntimeError(f"/ready answered {r.status}: {await r.text()}")
-            return time.perf_counter() - t
-
-        async def ping() -> float:
-            t = time.perf_counter()
-            async with session.get(base + "/live/ping") as r:
-                await r.read()
-            return time.perf_counter() - t
-
-        async def raw() -> float:
-            t = time.perf_counter()
-            req = []
-            for spec in canary.inputs:
-                inp = http.InferInput(spec.name, list(inputs[spec.name].shape), spec.datatype)
-                inp.set_data_from_numpy(inputs[spec.name], binary_data=True)
-                req.append(inp)
-            out = [http.InferRequestedOutput(o, binary_data=True) for o in outputs]
-            result = await client.infer(canary.model, req, outputs=out)
-            for o in outputs:
-                result.as_numpy(o)
-            return time.perf_counter() - t
-
-        for _ in range(WARMUP):
-            await ready()
-            await raw()
-            await ping()
-        before = await _metrics(session, base)
-        gc.collect()
-        ready_s: list[float] = []
-        raw_s: list[float] = []
-        ping_s: list[float] = []
-        cpu = raw_cpu = 0.0
+    ready_s: list[float] = []
+    raw_s: list[float] = []
+    ping_s: list[float] = []
+    cpu = raw_cpu = 0.0
+    async with aiohttp.ClientSession() as session, RawInference(config_path, triton_url) as raw:
 
         async def fresh() -> None:
             nonlocal cpu
             before = cpu_seconds(pid)
-            ready_s.append(await ready())
+            ready_s.append(await timed_get(session, base + "/ready"))
             cpu += cpu_seconds(pid) - before
 
         async def direct() -> None:
@@ -181,16 +146,21 @@ async def _measure(base: str, triton_url: str, config_path: str, pid: int) -> Re
             raw_cpu += time.process_time() - before
 
         async def hop() -> None:
-            ping_s.append(await ping())
+            ping_s.append(await timed_get(session, base + "/live/ping", must_pass=False))
 
         order = [fresh, direct, hop]
+        for _ in range(WARMUP):
+            for step in order:
+                await step()
+        for samples in (ready_s, raw_s, ping_s):
+            samples.clear()
+        cpu = raw_cpu = 0.0
+        before = await _metrics(session, base)
+        gc.collect()
         for i in range(N):  # rotate the order, so no side always runs right after another
             for step in order[i % 3 :] + order[: i % 3]:
                 await step()
         after = await _metrics(session, base)
-    finally:
-        await session.close()
-        await client.close()
     runs = int(after.get("runs_total", 0) - before.get("runs_total", 0))
     count = after.get("canary_latency_seconds_count", 0) - before.get("canary_latency_seconds_count", 0)
     total = after.get("canary_latency_seconds_sum", 0) - before.get("canary_latency_seconds_sum", 0)
