@@ -25,6 +25,8 @@ HEALTH_JSON = "application/health+json"
 ANSWER_SLACK = 0.05
 
 Hook = Callable[[web.Application], Awaitable[None]]
+READY, LIVE = "ready", "live"
+Deliver = Callable[[bool], None]
 
 
 def _deliver(deliver: Deliver, ok: bool) -> None:
@@ -46,10 +48,6 @@ def check_json(r: CheckResult) -> dict[str, Any]:
         d["observedUnit"] = r.observed_unit
     d["durationSeconds"] = round(r.duration, 6)
     return d
-
-
-READY, LIVE = "ready", "live"
-Deliver = Callable[[bool], None]
 
 
 @dataclass
