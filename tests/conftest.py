@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
 from demo.launcher import MODELS, TritonServer, start_triton, stop_triton
+from tests.helpers import ServeProcess
 
 __all__ = ["MODELS", "TritonServer", "start_triton", "stop_triton"]
 
@@ -30,3 +32,19 @@ def healthy_triton(triton: TritonServer) -> Iterator[TritonServer]:
     triton.clear_faults()
     for m in MODELS:
         triton.wait_idle(m)
+
+
+@pytest.fixture
+def serve_process() -> Iterator[Callable[..., ServeProcess]]:
+    """Factory: start `probe serve` for a config on a port and wait until it answers; killed after the test."""
+    started: list[ServeProcess] = []
+
+    def start(config: Path, port: int, env: dict[str, str] | None = None) -> ServeProcess:
+        proc = ServeProcess(config, port, env)
+        started.append(proc)
+        proc.wait_up()
+        return proc
+
+    yield start
+    for proc in started:
+        proc.stop()

@@ -8,12 +8,17 @@ import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
+from prometheus_client import CollectorRegistry
 
 from demo.launcher import REPO, free_port, wait_for
+from probe.checks.lifecycle import Lifecycle, PingCheck, ShutdownCheck
+from probe.metrics import Metrics
+from probe.runner import Liveness, Runner
 
 __all__ = ["REPO", "free_port", "wait_for"]
 
@@ -122,3 +127,24 @@ class ServeProcess:
 
     def logs(self) -> str:
         return self.log.read_text()
+
+
+@dataclass
+class Wired:
+    """A runner over some checks plus `shutdown` and `ping`, with liveness and metrics listening, as
+    `build_sidecar` wires them (no Triton): for the HTTP tests."""
+
+    runner: Runner
+    lifecycle: Lifecycle
+    liveness: Liveness
+    metrics: Metrics
+
+
+def wired(checks: list[Any], *, timeout: float = 0.5) -> Wired:
+    lifecycle = Lifecycle()
+    runner = Runner([*checks, ShutdownCheck(lifecycle), PingCheck()], timeout=timeout, min_interval=0)
+    liveness = Liveness(after=0, startup=600)
+    runner.add_listener(liveness.observe)
+    metrics = Metrics(CollectorRegistry())
+    runner.add_listener(metrics.observe_run)
+    return Wired(runner, lifecycle, liveness, metrics)

@@ -26,16 +26,15 @@ import yaml
 from aiohttp import web
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from prometheus_client import CollectorRegistry
 
 from probe.checks.base import CheckResult, failed, passed
-from probe.checks.lifecycle import Lifecycle, PingCheck, ShutdownCheck
+from probe.checks.lifecycle import Lifecycle
 from probe.config import Config, ConfigError, load_config, parse_config
 from probe.front import Serving, serve
 from probe.golden import Golden, GoldenError, load_golden, parse_golden
-from probe.metrics import Metrics
-from probe.runner import Liveness, Runner
+from probe.runner import Runner
 from probe.server import Health, make_app
+from tests.helpers import wired
 
 FUZZ = settings(
     deadline=None,
@@ -432,19 +431,14 @@ def http_app() -> Iterator[App]:
     Hypothesis cannot re-enter an async fixture per example, so the loop is run by hand here.
     """
     checks = {n: ScenarioCheck(n) for n in CHECKS}
-    lifecycle = Lifecycle()
-    runner = Runner([*checks.values(), ShutdownCheck(lifecycle), PingCheck()], timeout=0.5, min_interval=0)
-    liveness = Liveness(after=0, startup=600)
-    runner.add_listener(liveness.observe)
-    metrics = Metrics(CollectorRegistry())
-    runner.add_listener(metrics.observe_run)
-    health = Health(runner, liveness, timeout=0.5)
-    app: web.Application = make_app(health, metrics=metrics.expose)
+    w = wired(list(checks.values()))
+    health = Health(w.runner, w.liveness, timeout=0.5)
+    app: web.Application = make_app(health, metrics=w.metrics.expose)
     loop = asyncio.new_event_loop()
     # The same stack `probe serve` listens with: the probe front, handing everything it does not answer to the app.
     serving = loop.run_until_complete(serve(app, health, "127.0.0.1", 0))
     try:
-        yield App(loop, serving, checks, lifecycle, runner)
+        yield App(loop, serving, checks, w.lifecycle, w.runner)
     finally:
         loop.run_until_complete(serving.close())
         loop.close()

@@ -6,13 +6,10 @@ import json
 from typing import Any
 
 import pytest
-from prometheus_client import CollectorRegistry
 
 from probe.checks.base import CheckResult, failed, passed
-from probe.checks.lifecycle import Lifecycle, PingCheck, ShutdownCheck
-from probe.metrics import Metrics
-from probe.runner import Liveness, Runner
 from probe.server import Health, make_app
+from tests.helpers import wired
 
 
 class FixedCheck:
@@ -36,13 +33,14 @@ def parts() -> dict[str, Any]:
         "canary/resnet": FixedCheck("canary/resnet"),
         "gpu": FixedCheck("gpu"),
     }
-    lifecycle = Lifecycle()
-    runner = Runner([*checks.values(), ShutdownCheck(lifecycle), PingCheck()], timeout=0.5, min_interval=0)
-    liveness = Liveness(after=0, startup=600)
-    runner.add_listener(liveness.observe)
-    metrics = Metrics(CollectorRegistry())
-    runner.add_listener(metrics.observe_run)
-    return {"checks": checks, "runner": runner, "lifecycle": lifecycle, "liveness": liveness, "metrics": metrics}
+    w = wired(list(checks.values()))
+    return {
+        "checks": checks,
+        "runner": w.runner,
+        "lifecycle": w.lifecycle,
+        "liveness": w.liveness,
+        "metrics": w.metrics,
+    }
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import asyncio
 import json
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +20,8 @@ pytestmark = pytest.mark.triton
 
 
 @pytest.fixture
-def sidecar(tmp_path: Path, healthy_triton: TritonServer) -> Iterator[Any]:
+def sidecar(tmp_path: Path, healthy_triton: TritonServer, serve_process: Callable[..., ServeProcess]) -> Iterator[Any]:
     """Factory: record goldens, then start `probe serve` with config overrides; stopped after the test."""
-    started: list[ServeProcess] = []
 
     def start(**overrides: Any) -> ServeProcess:
         port = free_port()
@@ -31,14 +30,9 @@ def sidecar(tmp_path: Path, healthy_triton: TritonServer) -> Iterator[Any]:
         if not (tmp_path / "golden" / "demo.json").exists():
             rec = run_cli("record", "-c", str(cfg))
             assert rec.returncode == 0, rec.stderr
-        proc = ServeProcess(cfg, port)
-        started.append(proc)
-        proc.wait_up()
-        return proc
+        return serve_process(cfg, port)
 
     yield start
-    for p in started:
-        p.stop()
 
 
 async def get(session: aiohttp.ClientSession, url: str, **kw: Any) -> tuple[int, str, float]:

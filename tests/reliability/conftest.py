@@ -4,7 +4,7 @@ the scenarios that kill or restart it, and the fake libnvidia-ml.so.1 for the GP
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,13 +50,14 @@ def other_input_golden(triton: TritonServer, tmp_path_factory: pytest.TempPathFa
 
 
 @pytest.fixture
-def start_sidecar(tmp_path: Path, demo_golden: bytes) -> Iterator[StartSidecar]:
+def start_sidecar(
+    tmp_path: Path, demo_golden: bytes, serve_process: Callable[..., ServeProcess]
+) -> Iterator[StartSidecar]:
     """Factory: write probe.yaml for `url` and the demo golden, start `probe serve`, wait until it answers.
 
     `canary` overrides keys of the demo canary; `canaries=[]` runs without one; other keywords override config
     sections (probe, liveness, gpu, ...); `env` is added to the process environment. Killed after the test.
     """
-    started: list[ServeProcess] = []
 
     def start(
         url: str,
@@ -74,14 +75,10 @@ def start_sidecar(tmp_path: Path, demo_golden: bytes) -> Iterator[StartSidecar]:
         golden = tmp_path / "golden" / "demo.json"
         golden.parent.mkdir(exist_ok=True)
         golden.write_bytes(demo_golden)
-        serve = ServeProcess(cfg, port, env)
-        started.append(serve)
-        serve.wait_up()
+        serve = serve_process(cfg, port, env)
         return Sidecar(serve, float(sections["probe"].get("timeout", TIMEOUT)), cfg, golden)
 
     yield start
-    for serve in started:
-        serve.stop()
 
 
 @pytest.fixture

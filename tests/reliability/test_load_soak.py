@@ -14,7 +14,7 @@ import re
 import socket
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,9 +52,10 @@ def golden_dir(triton: TritonServer, tmp_path_factory: pytest.TempPathFactory) -
 
 
 @pytest.fixture
-def serve(tmp_path: Path, healthy_triton: TritonServer, golden_dir: Path) -> Iterator[Any]:
+def serve(
+    tmp_path: Path, healthy_triton: TritonServer, golden_dir: Path, serve_process: Callable[..., ServeProcess]
+) -> Iterator[Any]:
     """Factory: `probe serve` for the demo canary with the given `probe:` settings; killed after the test."""
-    started: list[ServeProcess] = []
 
     def start(**probe: Any) -> ServeProcess:
         port = free_port()
@@ -66,14 +67,9 @@ def serve(tmp_path: Path, healthy_triton: TritonServer, golden_dir: Path) -> Ite
             probe={"timeout": TIMEOUT, "interval": 0, **probe},
             golden_dir=str(golden_dir),
         )
-        proc = ServeProcess(cfg, port)
-        started.append(proc)
-        proc.wait_up()
-        return proc
+        return serve_process(cfg, port)
 
     yield start
-    for p in started:
-        p.stop()
 
 
 # ---------------------------------------------------------------------------------------------- load generator
