@@ -112,14 +112,15 @@ class Health:
 
     def _answer(self, waiting: _Waiting, run: Run | None) -> None:
         waiting.guard.cancel()
+        if run is None:  # as when a run does not finish in time: readiness fails, liveness holds
+            verdicts = {READY: False, LIVE: True}
+        else:  # judged once for every probe waiting on this run, however many there are
+            verdicts = {
+                READY: run.ok and bool(self.runner.instant_passing()),
+                LIVE: self.liveness.is_live(run.results),
+            }
         for kind, deliver in waiting.probes:
-            if run is None:
-                ok = kind == LIVE  # as when a run does not finish in time: readiness fails, liveness holds
-            elif kind == READY:
-                ok = run.ok and bool(self.runner.instant_passing())
-            else:
-                ok = self.liveness.is_live(run.results)
-            _deliver(deliver, ok)
+            _deliver(deliver, verdicts[kind])
 
     # ------------------------------------------------------------------------------ full results, for the app
 

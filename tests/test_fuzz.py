@@ -163,6 +163,15 @@ def _decoded(decode: Any, text: str | bytes) -> Any:
         return None
 
 
+def _write(path: Path, text: str | bytes) -> Path:
+    """The fuzzed file as given: bytes as they are, text as UTF-8."""
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    else:
+        path.write_text(text, encoding="utf-8")
+    return path
+
+
 @pytest.fixture(scope="module")
 def fuzz_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("fuzz")
@@ -209,11 +218,7 @@ YAML_TEXT = st.one_of(
 @FUZZ
 @given(text=YAML_TEXT | st.binary(max_size=200))
 def test_any_config_file_loads_or_gives_a_one_line_config_error(fuzz_dir: Path, text: str | bytes) -> None:
-    path = fuzz_dir / "probe.yaml"
-    if isinstance(text, bytes):
-        path.write_bytes(text)
-    else:
-        path.write_text(text, encoding="utf-8")
+    path = _write(fuzz_dir / "probe.yaml", text)
     try:
         cfg = load_config(path)
     except ConfigError as e:
@@ -301,11 +306,7 @@ def test_any_decoded_json_is_a_golden_or_a_one_line_golden_error(raw: Any) -> No
     )
 )
 def test_any_golden_file_loads_or_gives_a_one_line_golden_error(fuzz_dir: Path, text: str | bytes) -> None:
-    path = fuzz_dir / "demo.json"
-    if isinstance(text, bytes):
-        path.write_bytes(text)
-    else:
-        path.write_text(text, encoding="utf-8")
+    path = _write(fuzz_dir / "demo.json", text)
     try:
         golden = load_golden(path)
     except GoldenError as e:
