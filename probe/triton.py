@@ -8,8 +8,10 @@ runner's `asyncio.wait_for`) closes its HTTP request, so a timed-out canary is n
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
+import ssl as ssl_module
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,7 +20,9 @@ from urllib.parse import quote
 import aiohttp
 import numpy as np
 
+from probe import __version__
 from probe.config import CanaryConfig
+from probe.http1 import ConnectionPool, MalformedReply
 
 
 class _NeverRaised(Exception):
@@ -83,9 +87,7 @@ def _reason(e: BaseException) -> str:
 class _Request:
     inputs: dict[str, np.ndarray[Any, Any]]
     outputs: tuple[str, ...] | None
-    url: str
-    body: bytes
-    headers: dict[str, str]
+    message: bytes  # the whole HTTP/1.1 request, head and body
 
 
 # A backstop only: the runner's deadline (or the caller's wait_for) is what bounds every request.
@@ -96,8 +98,9 @@ class TritonClient:
     """Owns one `tritonclient.http.aio.InferenceServerClient`; open in a startup hook, close in cleanup.
 
     Canary inferences skip re-encoding their fixed inputs on every run: the request body is generated once
-    with `tritonclient.http.aio`'s `generate_request_body`, posted on this client's own keep-alive aiohttp
-    session, and the answer decoded with its `parse_response_body`, exactly as `infer()` would, errors included.
+    with `tritonclient.http.aio`'s `generate_request_body`, posted on this client's own keep-alive connections
+    (`probe.http1`: a fresh probe's budget cannot afford aiohttp's client session per run), and the answer
+    decoded with its `parse_response_body`, exactly as `infer()` would, errors included.
     """
 
     def __init__(self, url: str, *, ssl: bool = False, conn_limit: int = 16) -> None:
@@ -105,7 +108,7 @@ class TritonClient:
         self.ssl = ssl
         self._conn_limit = conn_limit
         self._client: Any = None
-        self._session: aiohttp.ClientSession | None = None
+        self._pool: ConnectionPool | None = None
         self._requests: dict[str, _Request] = {}
         # tritonclient's parts used on every canary, bound by open() (importing tritonclient is slow: not at
         # import time, and not once per call either).
@@ -122,18 +125,15 @@ class TritonClient:
             self._client = aio.InferenceServerClient(
                 self.url, conn_limit=self._conn_limit, conn_timeout=BACKSTOP_S, ssl=self.ssl
             )
-        if self._session is None:
-            # The settings tritonclient.http.aio gives its own session: compressed answers are decoded by it.
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=self._conn_limit),
-                timeout=aiohttp.ClientTimeout(total=BACKSTOP_S),
-                auto_decompress=False,
-            )
+        if self._pool is None:
+            host, _, port = self.url.rpartition(":")
+            context = ssl_module.create_default_context() if self.ssl else None
+            self._pool = ConnectionPool(host.strip("[]"), int(port), ssl=context, idle_limit=self._conn_limit)
 
     async def close(self) -> None:
-        if self._session is not None:
-            session, self._session = self._session, None
-            await session.close()
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            pool.close()
         if self._client is not None:
             client, self._client = self._client, None
             await client.close()
@@ -156,14 +156,16 @@ class TritonClient:
             return await coro
         except self._server_error as e:
             raise TritonRequestError(f"{what}: {_reason(e)}") from None
-        except (aiohttp.ClientConnectionError, ConnectionError) as e:
+        except TimeoutError:  # before OSError, its base class
+            raise TritonUnreachable(f"{what}: Triton at {self.url} did not answer") from None
+        except MalformedReply as e:
+            raise TritonUnreachable(f"{what}: malformed reply from {self.url}: {_reason(e)}") from None
+        except (aiohttp.ClientConnectionError, OSError) as e:  # refused, reset, unresolvable, TLS
             raise TritonUnreachable(f"{what}: cannot connect to Triton at {self.url}: {_reason(e)}") from None
         except (aiohttp.ClientError, ValueError, KeyError, TypeError) as e:
             # A reply that is not Triton's (a proxy error page, malformed JSON): treat as unreachable. ValueError
             # covers every JSON decoder's error (tritonclient parses with rapidjson) and UnicodeDecodeError.
             raise TritonUnreachable(f"{what}: malformed reply from {self.url}: {_reason(e)}") from None
-        except TimeoutError:
-            raise TritonUnreachable(f"{what}: Triton at {self.url} did not answer") from None
 
     async def live(self) -> bool:
         return bool(await self._call("server live", self._c.is_server_live()))
@@ -224,34 +226,43 @@ class TritonClient:
             req_inputs.append(inp)
         req_outputs = [http.InferRequestedOutput(o, binary_data=True) for o in outputs] if outputs else None
         body, json_size = aio.InferenceServerClient.generate_request_body(req_inputs, outputs=req_outputs)
-        # A few KB of output: asking Triton to compress it would cost both sides CPU for nothing.
-        headers = {"Accept-Encoding": "identity"}
+        data = body if isinstance(body, bytes) else body.encode()
+        path = f"/v2/models/{quote(canary.model)}" + (f"/versions/{quote(canary.version)}" if canary.version else "")
+        head = [
+            f"POST {path}/infer HTTP/1.1",
+            f"Host: {self.url}",
+            f"User-Agent: probe/{__version__}",
+            # A few KB of output: asking Triton to compress it would cost both sides CPU for nothing.
+            "Accept-Encoding: identity",
+            "Content-Type: application/octet-stream",
+            f"Content-Length: {len(data)}",
+        ]
         if json_size is not None:
-            headers["Inference-Header-Content-Length"] = str(json_size)
-        path = f"v2/models/{quote(canary.model)}" + (f"/versions/{canary.version}" if canary.version else "")
-        url = f"{'https' if self.ssl else 'http'}://{self.url.rstrip('/')}/{path}/infer"
-        request = _Request(inputs, outputs, url, body if isinstance(body, bytes) else body.encode(), headers)
+            head.append(f"Inference-Header-Content-Length: {json_size}")
+        message = ("\r\n".join(head) + "\r\n\r\n").encode("ascii") + data
+        request = _Request(inputs, outputs, message)
         self._requests[canary.name] = request
         return request
 
     async def _post_infer(self, req: _Request) -> Any:
         """POST a generated request; decode the answer, or raise what `InferenceServerClient.infer` raises."""
-        if self._session is None:
+        if self._pool is None:
             raise RuntimeError("TritonClient used before open()")
-        async with self._session.post(req.url, data=req.body, headers=req.headers) as resp:
-            data = await resp.read()
-            if resp.status != 200:
-                text = data.decode("utf-8", errors="replace")
-                try:
-                    message = str(json.loads(text)["error"]) if text else "client received an empty response"
-                except (ValueError, KeyError, TypeError) as e:
-                    message = f"an exception occurred in the client while decoding the response: {e}"
-                raise self._server_error(msg=message, status=str(resp.status))
-            return self._parse_response(
-                data,
-                header_length=resp.headers.get("Inference-Header-Content-Length"),
-                content_encoding=resp.headers.get("Content-Encoding"),
-            )
+        async with asyncio.timeout(BACKSTOP_S):
+            reply = await self._pool.request(req.message)
+        data = reply.body
+        if reply.status != 200:
+            text = data.decode("utf-8", errors="replace")
+            try:
+                message = str(json.loads(text)["error"]) if text else "client received an empty response"
+            except (ValueError, KeyError, TypeError) as e:
+                message = f"an exception occurred in the client while decoding the response: {e}"
+            raise self._server_error(msg=message, status=str(reply.status))
+        return self._parse_response(
+            data,
+            header_length=reply.headers.get("inference-header-content-length"),
+            content_encoding=reply.headers.get("content-encoding"),
+        )
 
     async def infer(
         self, canary: CanaryConfig, inputs: dict[str, np.ndarray[Any, Any]], outputs: tuple[str, ...] | None
