@@ -101,12 +101,16 @@ def print_machine() -> None:
 
 
 def vm_status(pid: int) -> dict[str, int]:
-    """VmRSS / VmHWM / VmSize of a process in bytes, from /proc/<pid>/status."""
+    """VmRSS / VmHWM / VmSize, and RssAnon / RssFile (what VmRSS is made of), in bytes, from /proc/<pid>/status.
+
+    RssFile is the mapped pages of the interpreter and the extension libraries: the same files can count a few
+    MB more or less depending on how the kernel's page cache holds them (freshly written files, as in a new
+    virtualenv, are often mapped in larger folios). RssAnon is the process's own memory."""
     out: dict[str, int] = {}
     with open(f"/proc/{pid}/status") as f:
         for line in f:
             key, _, rest = line.partition(":")
-            if key in ("VmRSS", "VmHWM", "VmSize"):
+            if key in ("VmRSS", "VmHWM", "VmSize", "RssAnon", "RssFile"):
                 out[key] = int(rest.split()[0]) * 1024
     return out
 

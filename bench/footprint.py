@@ -42,19 +42,15 @@ class Footprint:
         return max(self.warm["VmRSS"], self.loaded["VmRSS"]) / MB <= RSS_TARGET_MB
 
     def report(self) -> str:
-        rows = [
-            ["after warm-up", f"{self.warm['VmRSS'] / MB:.1f}", f"{self.warm['VmHWM'] / MB:.1f}"],
-            [
-                f"after load ({self.load_requests:,} requests)",
-                f"{self.loaded['VmRSS'] / MB:.1f}",
-                f"{self.loaded['VmHWM'] / MB:.1f}",
-            ],
-        ]
+        def row(label: str, vm: dict[str, int]) -> list[object]:
+            return [label, *(f"{vm.get(k, 0) / MB:.1f}" for k in ("VmRSS", "VmHWM", "RssAnon", "RssFile"))]
+
+        rows = [row("after warm-up", self.warm), row(f"after load ({self.load_requests:,} requests)", self.loaded)]
         starts = ", ".join(f"{s * 1000:.0f}" for s in self.ping_s)
         return "\n".join(
             [
                 "== sidecar footprint ==",
-                table(rows, ["probe serve", "VmRSS MB", "VmHWM MB"]),
+                table(rows, ["probe serve", "VmRSS MB", "VmHWM MB", "of it anon", "of it files"]),
                 f"target: VmRSS <= {RSS_TARGET_MB:g} MB -> {mark(self.ok)}",
                 f"exec -> first 200 on /live/ping: median {median(self.ping_s) * 1000:.0f} ms of {STARTS} starts"
                 f" ({starts} ms)",
