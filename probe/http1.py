@@ -13,7 +13,8 @@ lines `name: value` with token names, no obsolete line folding, a head under 64 
 heads are skipped. A connection is reused only after a complete reply that did not ask to close it, and is
 dropped as soon as the server closes it while idle. A request on a reused connection that is lost before any
 byte of reply (the server closed it as the request went out) is sent once more on a fresh connection: a canary
-inference has no side effects. Cancelling a request aborts its connection, so a canary that missed its deadline
+inference has no side effects. If no fresh connection can be made, the server is gone, and the error is the lost
+request's (`Disconnected`), not the refused connection's. Cancelling a request aborts its connection, so a canary that missed its deadline
 leaves nothing queued behind it on this side.
 """
 
@@ -296,10 +297,15 @@ class ConnectionPool:
         else:
             try:
                 reply = await self._exchange(conn, message)
-            except Disconnected:
+            except Disconnected as lost:
                 if conn.heard:
                     raise
-                conn = await self._connect()  # closed by the server as the request went out: once more
+                # Closed by the server as the request went out: once more, on a new connection. If none can be
+                # made, the server is gone, and the lost request is what this request saw.
+                try:
+                    conn = await self._connect()
+                except OSError:
+                    raise lost from None
                 reply = await self._exchange(conn, message)
         if conn.reusable and len(self._idle) < self._idle_limit:
             self._idle.append(conn)

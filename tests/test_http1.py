@@ -196,6 +196,22 @@ async def test_retry_happens_only_once(peer_factory: MakePeer) -> None:
     assert len(peer.requests) == 3
 
 
+async def test_server_gone_after_losing_a_request_reports_the_lost_request(peer_factory: MakePeer) -> None:
+    # Triton killed while the canary was in it: the retry cannot connect, and what the canary saw is the loss.
+    def script(n: int) -> bytes | str:
+        if n == 1:
+            return ok(b"fine")
+        assert peer.server is not None
+        peer.server.close()  # stop listening; the open connection lives on until the script drops it
+        return "close"
+
+    peer, pool = await peer_factory(script)
+    await pool.request(REQUEST)
+    with pytest.raises(Disconnected, match="Server disconnected"):
+        await pool.request(REQUEST)
+    assert len(peer.requests) == 2 and peer.connections == 1
+
+
 async def test_reply_cut_short_is_not_retried(peer_factory: MakePeer) -> None:
     peer, pool = await peer_factory(lambda n: ok(b"fine") if n == 1 else ("reply-close", ok(b"full body")[:-3]))
     await pool.request(REQUEST)
