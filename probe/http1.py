@@ -8,14 +8,18 @@ one prebuilt `bytes` write and the reply is parsed in place. `tritonclient.http.
 and decodes the answer, so the request on the wire and the errors read exactly as its own `infer()`'s.
 
 What a reply must be (anything else is `MalformedReply`, never a guess): `HTTP/1.x NNN` status line, header
-lines `name: value` with token names, no obsolete line folding, a head under 64 KiB, a body framed by one
-`Content-Length`, by the chunked transfer coding, or by the connection's close, under `MAX_BODY`. Interim 1xx
-heads are skipped. A connection is reused only after a complete reply that did not ask to close it, and is
-dropped as soon as the server closes it while idle. A request on a reused connection that is lost before any
-byte of reply (the server closed it as the request went out) is sent once more on a fresh connection: a canary
-inference has no side effects. If no fresh connection can be made, the server is gone, and the error is the lost
-request's (`Disconnected`), not the refused connection's. Cancelling a request aborts its connection, so a canary that missed its deadline
-leaves nothing queued behind it on this side.
+lines `name: value` with token names and no control characters in values, no obsolete line folding, a head under
+64 KiB, a body framed by one `Content-Length`, by the chunked transfer coding (HTTP/1.1 only, never together with
+a `Content-Length`), or, on a plain TCP connection, by the server's orderly close; under `MAX_BODY`. Over TLS a
+body framed by a close is refused: a cut-off one could not be told from a whole one. 204 and 304 have no body.
+Up to `MAX_INTERIM` interim 1xx heads are skipped; trailers are checked like headers.
+
+A connection is reused only after a complete reply that did not ask to close it, and is dropped as soon as the
+server closes it while idle. A request on a reused connection that is lost before any byte of reply (the server
+closed it as the request went out) is sent once more on a fresh connection: a canary inference has no side
+effects. If no fresh connection can be made, the server is gone, and the error is the lost request's
+(`Disconnected`), not the refused connection's. Cancelling a request aborts its connection, so a canary that
+missed its deadline leaves nothing queued behind it on this side.
 """
 
 from __future__ import annotations
@@ -27,10 +31,12 @@ from dataclasses import dataclass
 
 MAX_HEAD = 64 * 1024
 MAX_BODY = 1 << 30
+MAX_INTERIM = 8  # 1xx heads before the final one
 
 _STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([1-9]\d\d)(?: [^\r\n]*)?")
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(?:;[^\r\n]*)?")
+_CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(?:;[\t\x20-\x7e\x80-\xff]*)?")
+_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 class MalformedReply(ValueError):
@@ -54,23 +60,32 @@ def parse_head(head: bytes) -> tuple[int, dict[str, str], bool]:
     m = _STATUS_LINE.fullmatch(lines[0])
     if m is None:
         raise MalformedReply(f"bad status line {lines[0][:80]!r}")
-    headers: dict[str, str] = {}
-    for line in lines[1:]:
-        name, colon, value = line.partition(b":")
-        if not colon or _TOKEN.fullmatch(name) is None:
-            raise MalformedReply(f"bad header line {line[:80]!r}")
-        key = name.decode("ascii").lower()
-        text = value.strip(b" \t").decode("latin-1")
-        headers[key] = f"{headers[key]}, {text}" if key in headers else text
+    headers = _fields(lines[1:])
+    if m.group(1) == b"0" and "transfer-encoding" in headers:
+        raise MalformedReply("transfer coding in an HTTP/1.0 reply")
     tokens = {t.strip().lower() for t in headers.get("connection", "").split(",")}
     keep_alive = "close" not in tokens if m.group(1) == b"1" else "keep-alive" in tokens
     return int(m.group(2)), headers, keep_alive
 
 
+def _fields(lines: list[bytes]) -> dict[str, str]:
+    """Header (or trailer) lines -> lower-case name: value, repeated names joined with ", "."""
+    fields: dict[str, str] = {}
+    for line in lines:
+        name, colon, value = line.partition(b":")
+        if not colon or _TOKEN.fullmatch(name) is None or _CONTROL.search(value) is not None:
+            raise MalformedReply(f"bad header line {line[:80]!r}")
+        key = name.decode("ascii").lower()
+        text = value.strip(b" \t").decode("latin-1")
+        fields[key] = f"{fields[key]}, {text}" if key in fields else text
+    return fields
+
+
 class _Connection(asyncio.Protocol):
     """One connection: send a whole request, wait for its reply; parse as the bytes arrive."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, tls: bool = False) -> None:
+        self.tls = tls
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.reusable = False
@@ -82,7 +97,8 @@ class _Connection(asyncio.Protocol):
         self._keep_alive = False
         self._framing = ""  # "" (reading the head) | "length" | "chunked" | "close"
         self._length = 0
-        self._pos = 0  # chunked: how far the body's chunks have been decoded
+        self._trailers = -1  # chunked: -1 while chunks arrive, then the bytes of trailers read so far
+        self._interim = 0
         self._body = bytearray()
 
     # ------------------------------------------------------------------------------------------- asyncio
@@ -102,9 +118,11 @@ class _Connection(asyncio.Protocol):
             self._fail(e)
 
     def eof_received(self) -> bool:
+        # Only the server's orderly close ends a close-framed body; a local close or a reset fails it below.
         if self._framing == "close" and self._waiter is not None and not self._waiter.done():
             self._keep_alive = False
             self._body += self._buf
+            self._buf.clear()
             self._finish(bytes(self._body))
         return False  # let the transport close
 
@@ -112,11 +130,7 @@ class _Connection(asyncio.Protocol):
         self.closed = True
         self.reusable = False
         if self._waiter is not None and not self._waiter.done():
-            if exc is None and self._framing == "close":
-                self._body += self._buf
-                self._finish(bytes(self._body))
-            else:
-                self._waiter.set_exception(Disconnected("Server disconnected"))
+            self._waiter.set_exception(Disconnected("Server disconnected"))
 
     # ------------------------------------------------------------------------------------------- requests
 
@@ -126,6 +140,7 @@ class _Connection(asyncio.Protocol):
         self.reusable = False
         self.heard = False
         self._framing = ""
+        self._interim = 0
         self._buf.clear()
         self._body.clear()
         waiter: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
@@ -176,6 +191,9 @@ class _Connection(asyncio.Protocol):
             if status < 200:
                 if status == 101:
                     raise MalformedReply("the server switched protocols")
+                self._interim += 1
+                if self._interim > MAX_INTERIM:
+                    raise MalformedReply(f"more than {MAX_INTERIM} interim 1xx replies")
                 continue
             self._status, self._headers, self._keep_alive = status, headers, keep_alive
             self._framing = self._framing_of(status, headers)
@@ -192,37 +210,44 @@ class _Connection(asyncio.Protocol):
 
     def _framing_of(self, status: int, headers: dict[str, str]) -> str:
         coding = headers.get("transfer-encoding")
+        length = headers.get("content-length")
+        if coding is not None and length is not None:
+            raise MalformedReply("reply has both a transfer coding and a content-length")
+        if status in (204, 304):  # never a body, whatever the headers say
+            self._length = 0
+            return "length"
         if coding is not None:
             if coding.strip().lower() != "chunked":
                 raise MalformedReply(f"unsupported transfer coding {coding!r}")
-            self._pos = 0
+            self._trailers = -1
             return "chunked"
-        length = headers.get("content-length")
         if length is not None:
             values = {v.strip() for v in length.split(",")}
             value = values.pop()
             if values or not value.isdigit() or not value.isascii():
-                raise MalformedReply(f"bad content-length {length!r}")
-            self._length = int(value)
-            if self._length > MAX_BODY:
+                raise MalformedReply(f"bad content-length {length[:80]!r}")
+            value = value.lstrip("0") or "0"
+            if len(value) > 18 or int(value) > MAX_BODY:
                 raise MalformedReply(f"reply body over {MAX_BODY} bytes")
+            self._length = int(value)
             return "length"
-        if status in (204, 304):
-            self._length = 0
-            return "length"
+        if self.tls:
+            raise MalformedReply("reply over TLS has no content-length and is not chunked")
         self._keep_alive = False
         return "close"
 
     def _parse_chunks(self) -> None:
         buf = self._buf
         while True:
-            if self._pos < 0:  # trailers, after the last chunk: skip to the blank line
+            if self._trailers >= 0:  # after the last chunk: trailer lines, then a blank line
                 end = buf.find(b"\r\n")
                 while end > 0:
+                    self._trailers += end + 2
+                    _fields([bytes(buf[:end])])
                     del buf[: end + 2]
                     end = buf.find(b"\r\n")
                 if end < 0:
-                    if len(buf) > MAX_HEAD:
+                    if self._trailers + len(buf) > MAX_HEAD:
                         raise MalformedReply(f"reply trailers over {MAX_HEAD} bytes")
                     return
                 del buf[:2]
@@ -239,7 +264,7 @@ class _Connection(asyncio.Protocol):
             size = int(m.group(1), 16)
             if size == 0:
                 del buf[: end + 2]
-                self._pos = -1
+                self._trailers = 0
                 continue
             if len(self._body) + size > MAX_BODY:
                 raise MalformedReply(f"reply body over {MAX_BODY} bytes")
@@ -266,12 +291,20 @@ class ConnectionPool:
         self._idle: list[_Connection] = []
         self._idle_limit = idle_limit
         self._busy: set[_Connection] = set()
+        self._closed = False
 
     async def _connect(self) -> _Connection:
+        if self._closed:
+            raise Disconnected("the client is closed")
         loop = asyncio.get_running_loop()
+        tls = self._ssl is not None
+        host = self.host if tls else None
         _, conn = await loop.create_connection(
-            _Connection, self.host, self.port, ssl=self._ssl, server_hostname=self.host if self._ssl else None
+            lambda: _Connection(tls=tls), self.host, self.port, ssl=self._ssl, server_hostname=host
         )
+        if self._closed:  # closed while connecting
+            conn.close()
+            raise Disconnected("the client is closed")
         return conn
 
     async def _exchange(self, conn: _Connection, message: bytes) -> Reply:
@@ -307,14 +340,16 @@ class ConnectionPool:
                 except OSError:
                     raise lost from None
                 reply = await self._exchange(conn, message)
-        if conn.reusable and len(self._idle) < self._idle_limit:
+        self._idle = [c for c in self._idle if c.reusable]
+        if conn.reusable and not self._closed and len(self._idle) < self._idle_limit:
             self._idle.append(conn)
         else:
             conn.close()
         return reply
 
     def close(self) -> None:
-        """Close every connection, idle or busy (a busy request then fails with `Disconnected`)."""
+        """Close every connection, idle or busy (a busy request then fails with `Disconnected`), for good."""
+        self._closed = True
         for conn in [*self._idle, *self._busy]:
             conn.close()
         self._idle.clear()

@@ -13,6 +13,7 @@ import json
 import re
 import ssl as ssl_module
 import time
+import zlib
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
@@ -258,11 +259,16 @@ class TritonClient:
             except (ValueError, KeyError, TypeError) as e:
                 message = f"an exception occurred in the client while decoding the response: {e}"
             raise self._server_error(msg=message, status=str(reply.status))
-        return self._parse_response(
-            data,
-            header_length=reply.headers.get("inference-header-content-length"),
-            content_encoding=reply.headers.get("content-encoding"),
-        )
+        try:
+            return self._parse_response(
+                data,
+                header_length=reply.headers.get("inference-header-content-length"),
+                content_encoding=reply.headers.get("content-encoding"),
+            )
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError, EOFError, OSError, zlib.error) as e:
+            # Not Triton's answer: JSON that does not parse or is not an object, a body that does not decompress
+            # (gzip raises EOFError and OSError, deflate zlib.error). Reasons read as tritonclient's own errors.
+            raise MalformedReply(str(e) or type(e).__name__) from None
 
     async def infer(
         self, canary: CanaryConfig, inputs: dict[str, np.ndarray[Any, Any]], outputs: tuple[str, ...] | None
@@ -279,7 +285,7 @@ class TritonClient:
                 if arr is None:
                     continue
                 got[str(out["name"])] = (str(out["datatype"]), np.asarray(arr))
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
             raise TritonUnreachable(f"canary {canary.name} inference: malformed reply: {_reason(e)}") from None
         return InferOutcome(outputs=got, latency_s=latency)
 

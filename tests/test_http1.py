@@ -17,7 +17,19 @@ from pathlib import Path
 
 import pytest
 
-from probe.http1 import MAX_BODY, MAX_HEAD, ConnectionPool, Disconnected, MalformedReply, _Connection, parse_head
+from probe.config import CanaryConfig, InputSpec
+from probe.http1 import (
+    MAX_BODY,
+    MAX_HEAD,
+    MAX_INTERIM,
+    ConnectionPool,
+    Disconnected,
+    MalformedReply,
+    _Connection,
+    parse_head,
+)
+from probe.tensors import build_inputs
+from probe.triton import TritonClient, TritonRequestError, TritonUnreachable
 from tests.helpers import async_wait_for
 
 REQUEST = b"POST /v2/models/m/infer HTTP/1.1\r\nHost: t\r\nContent-Length: 4\r\n\r\nBODY"
@@ -159,6 +171,32 @@ async def test_interim_1xx_and_bodiless_204(peer_factory: MakePeer) -> None:
     assert peer.connections == 1
 
 
+async def test_bodiless_statuses_ignore_their_framing_headers(peer_factory: MakePeer) -> None:
+    replies = {
+        1: b"HTTP/1.1 304 Not Modified\r\nContent-Length: 1234\r\n\r\n",
+        2: b"HTTP/1.1 204 No Content\r\nTransfer-Encoding: chunked\r\n\r\n",
+        3: ok(b"then this"),
+        4: b"HTTP/1.1 200 OK\r\nContent-Length: 0004\r\n\r\nfour",
+    }
+    peer, pool = await peer_factory(lambda n: replies[n])
+    assert [(r.status, r.body) for r in [await pool.request(REQUEST) for _ in range(4)]] == [
+        (304, b""),
+        (204, b""),
+        (200, b"then this"),
+        (200, b"four"),
+    ]
+    assert peer.connections == 1
+
+
+async def test_closed_pool_refuses_and_keeps_nothing(peer_factory: MakePeer) -> None:
+    peer, pool = await peer_factory(lambda n: ok())
+    await pool.request(REQUEST)
+    pool.close()
+    with pytest.raises(Disconnected, match="closed"):
+        await pool.request(REQUEST)
+    assert peer.connections == 1
+
+
 async def test_error_status_is_a_reply_not_an_exception(peer_factory: MakePeer) -> None:
     _, pool = await peer_factory(lambda n: b'HTTP/1.1 400 Bad Request\r\nContent-Length: 13\r\n\r\n{"error":"x"}')
     reply = await pool.request(REQUEST)
@@ -285,6 +323,15 @@ async def test_connection_refused_is_an_oserror() -> None:
         (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nabc\r\n", "chunk not followed by CRLF"),
         (b"HTTP/1.1 101 Switching Protocols\r\n\r\n", "switched protocols"),
         (b"HTTP/1.1 200 OK\r\nX: " + b"a" * MAX_HEAD + b"\r\n\r\n", "reply head over"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 1" + b"0" * 5000 + b"\r\n\r\n", "reply body over"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n", "both a transfer coding"),
+        (b"HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", "transfer coding in an HTTP/1.0"),
+        (b"HTTP/1.1 200 OK\r\nX: a\nContent-Length: 99\r\nContent-Length: 1\r\n\r\nx", "bad header line"),
+        (b"HTTP/1.1 200 OK\r\nX: a\x00b\r\nContent-Length: 1\r\n\r\nx", "bad header line"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1;a\x01\r\nx\r\n0\r\n\r\n", "bad chunk size"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n<html>\r\n\r\n", "bad header line"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nX: " + b"a" * MAX_HEAD, "trailers over"),
+        (b"HTTP/1.1 100 Continue\r\n\r\n" * (MAX_INTERIM + 1) + ok(), "interim 1xx"),
     ],
     ids=lambda v: v if isinstance(v, str) else None,
 )
@@ -383,8 +430,94 @@ async def test_every_split_of_a_reply_parses_the_same(raw: bytes) -> None:
     assert expected[2] is (b"Connection: close" not in raw)
 
 
+async def test_close_framed_body_ends_only_with_the_servers_close() -> None:
+    head = b"HTTP/1.1 200 OK\r\n\r\npart"
+    # The server's orderly close: the body is what came before it.
+    conn = _Connection()
+    conn.connection_made(MemoryTransport())
+    waiter = conn.send(REQUEST)
+    conn.data_received(head)
+    conn.eof_received()
+    conn.connection_lost(None)
+    assert (await waiter).body == b"part"
+    # Closed from this side (the client shutting down) or reset: the body is cut off, not complete.
+    for exc in (None, ConnectionResetError()):
+        conn = _Connection()
+        conn.connection_made(MemoryTransport())
+        waiter = conn.send(REQUEST)
+        conn.data_received(head)
+        conn.connection_lost(exc)
+        with pytest.raises(Disconnected):
+            await waiter
+    # Over TLS an orderly-looking close cannot be told from a cut, so such a reply is refused outright.
+    conn = _Connection(tls=True)
+    conn.connection_made(MemoryTransport())
+    waiter = conn.send(REQUEST)
+    conn.data_received(head)
+    with pytest.raises(MalformedReply, match="over TLS"):
+        await waiter
+
+
 def test_parse_head_joins_repeated_headers_and_reads_keep_alive() -> None:
     status, headers, keep = parse_head(b"HTTP/1.1 200 OK\r\nX-A: 1\r\nx-a: 2\r\nConnection: Keep-Alive, Close")
     assert (status, headers["x-a"], keep) == (200, "1, 2", False)
     assert parse_head(b"HTTP/1.0 200 OK\r\nConnection: keep-alive")[2] is True
     assert parse_head(b"HTTP/1.1 404")[:2] == (404, {})
+
+
+# ------------------------------------------------------------------------------------------------ TritonClient
+
+
+def gzipped(data: bytes) -> bytes:
+    import gzip
+
+    return gzip.compress(data)
+
+
+JSON_OUT = b'{"model_name":"m","outputs":[{"name":"OUT","datatype":"FP32","shape":[2],"data":[1.5,2.5]}]}'
+
+
+@pytest.mark.parametrize(
+    ("reply", "outcome"),
+    [
+        (ok(JSON_OUT, "Content-Type: application/json"), "OUT=[1.5, 2.5]"),
+        (ok(gzipped(JSON_OUT), "Content-Encoding: gzip"), "OUT=[1.5, 2.5]"),
+        (ok(b"not deflated", "Content-Encoding: deflate"), "unreachable: malformed reply"),
+        (ok(gzipped(JSON_OUT)[:-9], "Content-Encoding: gzip"), "unreachable: malformed reply"),
+        (ok(b"[1]"), "unreachable: malformed reply"),
+        (ok(b'{"outputs": 3}'), "unreachable: malformed reply"),
+        (b'HTTP/1.1 400 Bad Request\r\nContent-Length: 16\r\n\r\n{"error":"boom"}', "request error: [400] boom"),
+        (b"HTTP/1.1 500 Oops\r\nContent-Length: 5\r\n\r\nOops!", "request error: [500] an exception occurred"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n", "unreachable: malformed reply"),
+        (("reply-close", ok(b"cut")[:-1]), "unreachable: cannot connect"),
+    ],
+    ids=[
+        "json",
+        "gzip",
+        "bad-deflate",
+        "cut-gzip",
+        "json-list",
+        "outputs-not-a-list",
+        "400",
+        "500-not-json",
+        "bad-length",
+        "cut",
+    ],
+)
+async def test_triton_client_maps_every_reply_to_outputs_or_a_reason(
+    peer_factory: MakePeer, reply: bytes | tuple[str, bytes], outcome: str
+) -> None:
+    peer, _ = await peer_factory(lambda n: reply)
+    canary = CanaryConfig(name="c", model="m", inputs=(InputSpec("IN", "FP32", (2,), "ones"),))
+    async with TritonClient(f"127.0.0.1:{peer.port}") as client:
+        try:
+            got = await client.infer(canary, build_inputs(canary), ("OUT",))
+            seen = ",".join(f"{k}={v[1].tolist()}" for k, v in got.outputs.items())
+        except TritonUnreachable as e:
+            seen = f"unreachable: {str(e).split(': ', 1)[1]}"
+        except TritonRequestError as e:
+            seen = f"request error: {str(e).split(': ', 1)[1]}"
+    assert seen.startswith(outcome), seen
+    request = peer.requests[0]
+    assert request.startswith(b"POST /v2/models/m/infer HTTP/1.1\r\n"), request
+    assert b"\r\nUser-Agent: probe/" in request and b"\r\nInference-Header-Content-Length: " in request
