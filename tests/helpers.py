@@ -148,3 +148,24 @@ def wired(checks: list[Any], *, timeout: float = 0.5) -> Wired:
     metrics = Metrics(CollectorRegistry())
     runner.add_listener(metrics.observe_run)
     return Wired(runner, lifecycle, liveness, metrics)
+
+
+class MemoryTransport(asyncio.Transport):
+    """A transport that keeps what is written and how it was closed, for feeding a protocol by hand."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written = bytearray()
+        self.state = "open"
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.written += data
+
+    def is_closing(self) -> bool:
+        return self.state != "open"
+
+    def close(self) -> None:
+        self.state = "closed"
+
+    def abort(self) -> None:
+        self.state = "aborted"

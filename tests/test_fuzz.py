@@ -1,10 +1,12 @@
-"""Property fuzzing of everything that reads untrusted input: config, golden files, HTTP requests.
+"""Property fuzzing of everything that reads untrusted input: config, golden files, HTTP requests and replies.
 
 The properties are the contract's "never a bare traceback" and "only 200/404/405/503" promises:
 - any decoded YAML (or any file text) gives a `Config` or a one-line `ConfigError`, never another exception;
 - any decoded JSON (or any file text) gives a `Golden` or a one-line `GoldenError`;
 - any request the HTTP parser lets through is answered 200, 404, 405 or 503 (never 500), and the aggregate
   endpoints answer exactly what the checks say.
+- any valid reply from Triton, split anywhere, parses to exactly its status, headers and body in the canary's
+  HTTP/1.1 client; a damaged one gives a reply, a one-line `MalformedReply` or `Disconnected`, never another error.
 
 The regression tests at the end pin the bugs these fuzzers found (huge integers, non-ASCII digits, line breaks
 in keys), each with the smallest input that triggered it.
@@ -683,3 +685,119 @@ def test_oversized_requests_are_refused_by_the_parser_not_the_handler(
     assert port is not None
     resp = http_app.loop.run_until_complete(send_raw(port, raw))
     assert resp.status in PARSER_REJECTS, resp.status
+
+
+# ---------------------------------------------------------------------------------------------- Triton's replies
+
+CUTS = st.integers(-3, -1) | st.integers(0, 400)  # half near the end, where the framing decisions are made
+TOKEN_CHARS = "!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+FRAMING_HEADERS = {"content-length", "transfer-encoding", "connection"}
+HEADER_NAMES = st.text(st.sampled_from(TOKEN_CHARS), min_size=1, max_size=12).filter(
+    lambda n: n.lower() not in FRAMING_HEADERS
+)
+HEADER_VALUES = st.text(st.characters(min_codepoint=0x20, max_codepoint=0xFF, exclude_characters="\x7f"), max_size=20)
+
+
+@dataclass
+class WellFormed:
+    raw: bytes
+    status: int
+    headers: dict[str, str]
+    body: bytes
+    keep: bool
+
+
+@st.composite
+def well_formed_replies(draw: st.DrawFn) -> WellFormed:
+    """A valid HTTP/1.1 reply: status, headers, and a body framed by Content-Length or chunks."""
+    status = draw(st.sampled_from([200, 200, 204, 304, 400, 404, 500, 503]) | st.integers(200, 599))
+    headers = draw(st.lists(st.tuples(HEADER_NAMES, HEADER_VALUES), max_size=5))
+    body = b"" if status in (204, 304) else draw(st.binary(max_size=200))
+    close = draw(st.booleans())
+    lines = [f"HTTP/1.1 {status} {draw(st.sampled_from(['OK', '', 'Some Reason']))}".rstrip()]
+    lines += [f"{name}:{draw(st.sampled_from([' ', '', '  ']))}{value}" for name, value in headers]
+    if close:
+        lines.append("Connection: close")
+    tail = b""
+    if status not in (204, 304):
+        if draw(st.booleans()):
+            lines.append(f"Content-Length: {len(body)}")
+            tail = body
+        else:
+            lines.append("Transfer-Encoding: chunked")
+            pos, parts = 0, []
+            while pos < len(body):
+                n = draw(st.integers(1, max(1, len(body) - pos)))
+                ext = draw(st.sampled_from(["", ";x", ";x=1"]))
+                parts.append(f"{n:x}{ext}\r\n".encode() + body[pos : pos + n] + b"\r\n")
+                pos += n
+            trailer = draw(st.sampled_from([b"", b"X-Trailer: 1\r\n"]))
+            tail = b"".join(parts) + b"0\r\n" + trailer + b"\r\n"
+    raw = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + tail
+    want: dict[str, str] = {}
+    for name, value in headers:
+        key, text = name.lower(), value.strip(" \t")
+        want[key] = f"{want[key]}, {text}" if key in want else text
+    return WellFormed(raw, status, want, body, not close)
+
+
+async def _feed(raw: bytes, cuts: list[int], *, end: bool) -> Any:
+    """Feed a reply to the canary's connection in pieces; what its request resolves to (or "pending")."""
+    from probe.http1 import _Connection
+    from tests.helpers import MemoryTransport
+
+    conn = _Connection()
+    conn.connection_made(MemoryTransport())
+    waiter = conn.send(b"POST / HTTP/1.1\r\n\r\n")
+    at = 0
+    # A negative cut counts from the end.
+    for cut in [*sorted({max(0, min(c if c >= 0 else len(raw) + c, len(raw))) for c in cuts}), len(raw)]:
+        if at < cut and not waiter.done():
+            conn.data_received(raw[at:cut])  # any exception but MalformedReply (caught inside) fails the test
+        at = cut
+    if end and not waiter.done():
+        conn.eof_received()
+        conn.connection_lost(None)
+    if not waiter.done():
+        return "pending"
+    if waiter.exception() is not None:
+        return waiter.exception()
+    return waiter.result(), conn.reusable
+
+
+@settings(FUZZ, max_examples=300)
+@given(reply=well_formed_replies(), cuts=st.lists(CUTS, max_size=4))
+def test_well_formed_replies_parse_exactly_however_they_are_split(reply: WellFormed, cuts: list[int]) -> None:
+    got = asyncio.run(_feed(reply.raw, cuts, end=False))
+    assert isinstance(got, tuple), got
+    parsed, reusable = got
+    headers = {k: v for k, v in parsed.headers.items() if k not in FRAMING_HEADERS}
+    assert (parsed.status, headers, parsed.body) == (reply.status, reply.headers, reply.body)
+    assert reusable is reply.keep
+
+
+@settings(FUZZ, max_examples=300)
+@given(
+    reply=well_formed_replies(),
+    edits=st.lists(st.tuples(st.integers(0, 400), st.binary(max_size=3), st.integers(0, 3)), min_size=1, max_size=3),
+    cuts=st.lists(CUTS, max_size=3),
+    end=st.booleans(),
+)
+def test_damaged_replies_give_a_reply_or_a_reason_never_another_error(
+    reply: WellFormed, edits: list[tuple[int, bytes, int]], cuts: list[int], end: bool
+) -> None:
+    from probe.http1 import Disconnected, MalformedReply, Reply
+
+    raw = bytearray(reply.raw)
+    for at, insert, drop in edits:  # replace `drop` bytes at `at` with `insert`
+        at = min(at, len(raw))
+        raw[at : at + drop] = insert
+    got = asyncio.run(_feed(bytes(raw), cuts, end=end))
+    event(type(got).__name__ if not isinstance(got, tuple) else "reply")
+    if isinstance(got, BaseException):
+        assert isinstance(got, MalformedReply | Disconnected), repr(got)
+        assert one_line(str(got)), repr(got)
+    elif isinstance(got, tuple):
+        assert isinstance(got[0], Reply) and 100 <= got[0].status <= 999
+    else:
+        assert got == "pending" and not end

@@ -30,7 +30,7 @@ from probe.http1 import (
 )
 from probe.tensors import build_inputs
 from probe.triton import TritonClient, TritonRequestError, TritonUnreachable
-from tests.helpers import async_wait_for
+from tests.helpers import MemoryTransport, async_wait_for
 
 REQUEST = b"POST /v2/models/m/infer HTTP/1.1\r\nHost: t\r\nContent-Length: 4\r\n\r\nBODY"
 
@@ -383,25 +383,6 @@ async def test_tls(certificate: tuple[Path, Path]) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ parser
-
-
-class MemoryTransport(asyncio.Transport):
-    def __init__(self) -> None:
-        super().__init__()
-        self.written = bytearray()
-        self.state = "open"
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        self.written += data
-
-    def is_closing(self) -> bool:
-        return self.state != "open"
-
-    def close(self) -> None:
-        self.state = "closed"
-
-    def abort(self) -> None:
-        self.state = "aborted"
 
 
 REPLIES = [
