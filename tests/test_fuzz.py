@@ -4,7 +4,7 @@ The properties are the contract's "never a bare traceback" and "only 200/404/405
 - any decoded YAML (or any file text) gives a `Config` or a one-line `ConfigError`, never another exception;
 - any decoded JSON (or any file text) gives a `Golden` or a one-line `GoldenError`;
 - any request the HTTP parser lets through is answered 200, 404, 405 or 503 (never 500), and the aggregate
-  endpoints answer exactly what the checks say.
+  endpoints answer exactly what the checks say;
 - any valid reply from Triton, split anywhere, parses to exactly its status, headers and body in the canary's
   HTTP/1.1 client; a damaged one gives a reply, a one-line `MalformedReply` or `Disconnected`, never another error.
 
