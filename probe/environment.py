@@ -91,6 +91,13 @@ class EnvironmentProbe:
         env.update(cached[1])
         return env
 
+    async def server_fingerprint(self) -> dict[str, Any]:
+        """The environment without a model's part (no canaries configured): GPUs, driver, CUDA, Triton version."""
+        env = dict(await self.nvml())
+        meta = await self._client.server_metadata()
+        env["triton"] = str(meta.get("version", ""))
+        return env
+
     async def fingerprint_or_none(self, model: str, version: str = "") -> dict[str, Any] | None:
         try:
             return await self.fingerprint(model, version)

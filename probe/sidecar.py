@@ -98,13 +98,16 @@ class Sidecar:
         task.add_done_callback(self._tasks.discard)
 
     async def publish_environment(self) -> None:
-        """Export probe_environment_info once Triton answers (retried until it does)."""
-        if not self.cfg.canaries:
-            return
-        c = self.cfg.canaries[0]
+        """Export probe_environment_info once Triton answers (retried until it does).
+
+        With canaries, the first canary's fingerprint; without (a GPU-only probe), the GPUs, driver and Triton."""
+        c = self.cfg.canaries[0] if self.cfg.canaries else None
         while True:
             with contextlib.suppress(Exception):
-                env = await asyncio.wait_for(self.environment.fingerprint(c.model, c.version), 5.0)
+                fingerprint = (
+                    self.environment.fingerprint(c.model, c.version) if c else self.environment.server_fingerprint()
+                )
+                env = await asyncio.wait_for(fingerprint, 5.0)
                 self.metrics.set_environment(env)
                 return
             await asyncio.sleep(10.0)

@@ -54,3 +54,21 @@ async def test_sidecar_exports_queue_and_environment(tmp_path: Path, healthy_tri
         assert registry.get_sample_value("probe_ready") == 1.0
     finally:
         await sidecar.stop()
+
+
+@pytest.mark.triton
+async def test_environment_is_exported_without_canaries(tmp_path: Path, healthy_triton: TritonServer) -> None:
+    """A GPU-only probe (no canaries) still tells the fleet which driver, GPUs and Triton a pod runs on."""
+    cfg_path = write_config(tmp_path, healthy_triton.url, [], probe={"interval": 0.2, "min_interval": 0.0})
+    registry = CollectorRegistry()
+    sidecar = build_sidecar(load_config(cfg_path), registry=registry)
+    await sidecar.start()
+    try:
+
+        async def exported() -> bool:
+            labels = {"gpu": "none", "driver": "none", "cuda": "none", "triton": "2.51.0"}
+            return registry.get_sample_value("probe_environment_info", labels) == 1.0
+
+        await async_wait_for(exported, 20, "the environment info")
+    finally:
+        await sidecar.stop()
