@@ -110,6 +110,7 @@ class TritonClient:
         self._conn_limit = conn_limit
         self._client: Any = None
         self._pool: ConnectionPool | None = None
+        self._host_header = url
         self._requests: dict[str, _Request] = {}
         # tritonclient's parts used on every canary, bound by open() (importing tritonclient is slow: not at
         # import time, and not once per call either).
@@ -128,6 +129,11 @@ class TritonClient:
             )
         if self._pool is None:
             host, _, port = self.url.rpartition(":")
+            if not host.isascii():  # an internationalised name goes on the wire as its ASCII (IDNA) form
+                try:
+                    self._host_header = f"{host.encode('idna').decode('ascii')}:{port}"
+                except UnicodeError:
+                    self._host_header = f"{quote(host)}:{port}"
             context = ssl_module.create_default_context() if self.ssl else None
             self._pool = ConnectionPool(host.strip("[]"), int(port), ssl=context, idle_limit=self._conn_limit)
 
@@ -231,7 +237,7 @@ class TritonClient:
         path = f"/v2/models/{quote(canary.model)}" + (f"/versions/{quote(canary.version)}" if canary.version else "")
         head = [
             f"POST {path}/infer HTTP/1.1",
-            f"Host: {self.url}",
+            f"Host: {self._host_header}",
             f"User-Agent: probe/{__version__}",
             # A few KB of output: asking Triton to compress it would cost both sides CPU for nothing.
             "Accept-Encoding: identity",

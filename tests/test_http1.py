@@ -502,3 +502,11 @@ async def test_triton_client_maps_every_reply_to_outputs_or_a_reason(
     request = peer.requests[0]
     assert request.startswith(b"POST /v2/models/m/infer HTTP/1.1\r\n"), request
     assert b"\r\nUser-Agent: probe/" in request and b"\r\nInference-Header-Content-Length: " in request
+
+
+async def test_canary_request_names_an_internationalised_host_in_ascii() -> None:
+    canary = CanaryConfig(name="c", model="módel", inputs=(InputSpec("IN", "FP32", (2,), "ones"),), version="2")
+    async with TritonClient("bücher.example:8000") as client:
+        message = client._request(canary, build_inputs(canary), ("OUT",)).message
+    assert message.startswith(b"POST /v2/models/m%C3%B3del/versions/2/infer HTTP/1.1\r\n")
+    assert b"\r\nHost: xn--bcher-kva.example:8000\r\n" in message
