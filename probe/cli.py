@@ -24,8 +24,6 @@ EXIT_OK = 0
 EXIT_USAGE = 1
 EXIT_UNREACHABLE = 2
 EXIT_FAILED = 3
-# Idle keep-alive connections are closed after this long, by the front and by aiohttp alike.
-KEEPALIVE_S = 15.0
 
 
 class UsageError(Exception):
@@ -167,6 +165,7 @@ async def _triton_live(sidecar: Any) -> str | None:
 async def _check(cfg: Config, *, only: str | None, as_json: bool) -> int:
     from probe.server import check_json
     from probe.sidecar import build_sidecar
+    from probe.verdict import readiness
 
     sidecar = build_sidecar(cfg, with_lifecycle_checks=False)
     try:
@@ -192,19 +191,18 @@ async def _check(cfg: Config, *, only: str | None, as_json: bool) -> int:
         run = await sidecar.runner.run_once(names=selected)
     finally:
         await sidecar.stop()
-    ok = all(r.ok for r in run.results.values())
+    verdict = readiness(run.results)
     if as_json:
         body = {
-            "status": "pass" if ok else "fail",
-            "checks": {n: [check_json(r)] for n, r in run.results.items()},
+            "status": "pass" if verdict.ok else "fail",
+            "checks": {n: [check_json(r)] for n, r in verdict.checks.items()},
         }
         print(json.dumps(body, indent=2))
     else:
-        for n, r in run.results.items():
+        for n, r in verdict.checks.items():
             print(f"[+]{n} {r.reason}" if r.ok else f"[-]{n} failed: {r.reason}")
-    if not ok:
-        failing = [n for n, r in run.results.items() if not r.ok]
-        _err(f"check failed: {', '.join(failing)}")
+    if not verdict.ok:
+        _err(f"check failed: {', '.join(verdict.failing())}")
         return EXIT_FAILED
     return EXIT_OK
 
@@ -282,38 +280,20 @@ def _serve(cfg: Config, log_level: str) -> int:
 
 
 async def _serve_async(cfg: Config, logger: logging.Logger) -> int:
-    from aiohttp import web
-
-    from probe.front import serve
     from probe.logs import log
-    from probe.server import make_app
+    from probe.server import quiet_accept_errors, serve
     from probe.sidecar import build_sidecar
 
     sidecar = build_sidecar(cfg, logger=logger)
-
-    async def on_startup(_: web.Application) -> None:
-        await sidecar.start()
-
-    async def on_cleanup(_: web.Application) -> None:
+    quiet_accept_errors(logger, asyncio.get_running_loop())
+    await sidecar.start()
+    try:
+        serving = await serve(
+            sidecar.health, cfg.listen.host, cfg.listen.port, metrics=sidecar.metrics.expose, logger=logger
+        )
+    except BaseException:
         await sidecar.stop()
-
-    def metrics() -> tuple[bytes, str]:
-        sidecar.runner.flush()  # a scrape sees every finished run, deferred or not
-        return sidecar.metrics.expose()
-
-    server_header = f"probe/{__version__}"
-    app = make_app(
-        sidecar.health,
-        metrics=metrics,
-        on_startup=[on_startup],
-        on_cleanup=[on_cleanup],
-        server_header=server_header,
-    )
-    # Short keep-alive: idle kubelet connections must not pile up. The plain probes are answered by a lean
-    # protocol in front of the app; it hands every other request to the app.
-    serving = await serve(
-        app, sidecar.health, cfg.listen.host, cfg.listen.port, keepalive=KEEPALIVE_S, server_header=server_header
-    )
+        raise
     # Everything built so far (modules, config, clients) lives until exit: move it out of the collector's
     # generations, so the periodic full collections a long-running sidecar does stay short.
     gc.collect()
@@ -358,5 +338,6 @@ async def _serve_async(cfg: Config, logger: logging.Logger) -> int:
         await stop.wait()
     finally:
         await serving.close()
+        await sidecar.stop()
         log(logger, logging.INFO, "probe stopped")
     return EXIT_OK

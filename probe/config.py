@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,10 +74,23 @@ def _key(key: str) -> str:
 
 
 @dataclass(frozen=True)
+class TlsConfig:
+    """`triton.tls`: how an https:// Triton is trusted."""
+
+    ca_file: Path | None = None
+    """PEM bundle of the CAs that sign Triton's certificate; None = the system's."""
+    verify: bool = True
+    """False accepts any certificate (a self-signed Triton on loopback); the connection is still encrypted."""
+
+
+@dataclass(frozen=True)
 class TritonConfig:
     url: str = "127.0.0.1:8000"
-    """host:port as tritonclient wants it (no scheme)."""
+    """host:port (no scheme)."""
     ssl: bool = False
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    max_reply: int = 64 * 1024**2
+    """Cap on a canary's reply when its golden file cannot tell the size to expect (no golden yet, BYTES)."""
     metrics_url: str = ""
     """Triton's Prometheus endpoint (`http://host:8002/metrics`); derived from `url` when empty."""
 
@@ -436,6 +450,29 @@ def _flatten(data: Any) -> list[Any]:
     return [data]
 
 
+def _parse_tls(s: _Section, base: Path, https: bool) -> TlsConfig:
+    if not s.raw:
+        return TlsConfig()
+    if not https:
+        raise ConfigError(f"{s.path}: set, but triton.url is not https://")
+    ca_file: Path | None = None
+    if s.has("ca_file") and s.raw["ca_file"] is not None:
+        raw = s.get("ca_file")
+        if not isinstance(raw, str) or not raw:
+            raise ConfigError(f"{s.where('ca_file')}: expected a file path, got {_type_name(raw)}")
+        ca_file = Path(os.path.normpath(base / raw))
+        try:
+            ssl.create_default_context(cafile=str(ca_file))
+        except FileNotFoundError:
+            raise ConfigError(f"{s.where('ca_file')}: no such file: {ca_file}") from None
+        except (OSError, ssl.SSLError, ValueError) as e:
+            raise ConfigError(f"{s.where('ca_file')}: not a readable PEM CA bundle: {ca_file}: {e}") from None
+    verify = s.get("verify", TlsConfig.verify)
+    if not isinstance(verify, bool):
+        raise ConfigError(f"{s.where('verify')}: expected true or false, got {_type_name(verify)}")
+    return TlsConfig(ca_file=ca_file, verify=verify)
+
+
 def _parse_canary(raw: Any, where: str, base: Path, probe: ProbeConfig) -> CanaryConfig:
     s = _Section(raw, where, ("name", "model", "version", "inputs", "outputs", "timeout", "compare", "latency"))
     if not s.has("name"):
@@ -473,16 +510,16 @@ def _parse_canary(raw: Any, where: str, base: Path, probe: ProbeConfig) -> Canar
             raise ConfigError(f"{s.where('timeout')}: {timeout:g} exceeds probe.timeout {probe.timeout:g}")
     cs = s.sub("compare", ("mode", "rtol", "atol"))
     compare = CompareConfig(
-        mode=cs.string("mode", "exact", choices=("exact", "tolerance")),
-        rtol=cs.number("rtol", 1e-5),
-        atol=cs.number("atol", 1e-6),
+        mode=cs.string("mode", CompareConfig.mode, choices=("exact", "tolerance")),
+        rtol=cs.number("rtol", CompareConfig.rtol),
+        atol=cs.number("atol", CompareConfig.atol),
     )
     ls = s.sub("latency", ("max_ms", "drift", "window"))
     max_ms = ls.number("max_ms", 0.0, positive=True) if ls.has("max_ms") else None
     drift = ls.number("drift", 0.0, positive=True) if ls.has("drift") else None
     if drift is not None and drift < 1.0:
         raise ConfigError(f"{ls.where('drift')}: must be >= 1.0 (a multiple of the baseline median), got {drift:g}")
-    window_raw = ls.get("window", 5)
+    window_raw = ls.get("window", LatencyConfig.window)
     if isinstance(window_raw, bool) or not isinstance(window_raw, int) or not 1 <= window_raw <= 1000:
         raise ConfigError(f"{ls.where('window')}: expected an integer between 1 and 1000, got {window_raw!r}")
     return CanaryConfig(
@@ -520,9 +557,15 @@ def parse_config(raw: Any, path: Path) -> Config:
     base = path.parent
     top = _Section(raw, "", ("triton", "listen", "probe", "liveness", "gpu", "golden_dir", "canaries"))
 
-    ts = top.sub("triton", ("url", "metrics_url"))
+    ts = top.sub("triton", ("url", "metrics_url", "tls", "max_reply"))
     url, ssl = _parse_url(ts.string("url", TritonConfig.url), ts.where("url"))
-    metrics_url = ts.string("metrics_url", "")
+    metrics_url = ts.string("metrics_url", TritonConfig.metrics_url)
+    tls = _parse_tls(ts.sub("tls", ("ca_file", "verify")), base, ssl)
+    max_reply = TritonConfig.max_reply
+    if ts.has("max_reply"):
+        max_reply = parse_size(ts.get("max_reply"), ts.where("max_reply"))
+        if max_reply < 1024:
+            raise ConfigError(f"{ts.where('max_reply')}: must be at least 1KiB, got {max_reply} bytes")
 
     ls = top.sub("listen", ("host", "port"))
     host = ls.string("host", ListenConfig.host)
@@ -546,18 +589,18 @@ def parse_config(raw: Any, path: Path) -> Config:
     )
 
     gs = top.sub("gpu", ("source", "devices", "min_free", "interval", "stale_after", "metrics_url", "trend_window"))
-    min_free = _parse_min_free(gs.get("min_free", "2GiB"), gs.where("min_free"))
+    min_free = _parse_min_free(gs.get("min_free"), gs.where("min_free")) if gs.has("min_free") else MinFree()
     gpu = GpuConfig(
         source=gs.string("source", GpuConfig.source, choices=("nvml", "triton-metrics", "none")),
-        devices=_parse_devices(gs.get("devices", "auto"), gs.where("devices")),
+        devices=_parse_devices(gs.get("devices"), gs.where("devices")),
         min_free=min_free,
         interval=gs.number("interval", GpuConfig.interval, positive=True),
         stale_after=gs.number("stale_after", GpuConfig.stale_after),
-        metrics_url=gs.string("metrics_url", ""),
+        metrics_url=gs.string("metrics_url", GpuConfig.metrics_url),
         trend_window=gs.number("trend_window", GpuConfig.trend_window, positive=True),
     )
 
-    golden_raw = top.get("golden_dir", "golden")
+    golden_raw = top.get("golden_dir", str(Config.golden_dir))
     if not isinstance(golden_raw, str) or not golden_raw:
         raise ConfigError(f"golden_dir: expected a directory path, got {golden_raw!r}")
     # normpath, not resolve(): a ConfigMap file is a symlink into a timestamped directory the kubelet replaces
@@ -584,7 +627,7 @@ def parse_config(raw: Any, path: Path) -> Config:
         canaries.append(canary)
     return Config(
         path=path,
-        triton=TritonConfig(url=url, ssl=ssl, metrics_url=metrics_url),
+        triton=TritonConfig(url=url, ssl=ssl, tls=tls, max_reply=max_reply, metrics_url=metrics_url),
         listen=ListenConfig(host=host, port=port),
         probe=probe,
         liveness=liveness,

@@ -106,6 +106,9 @@ class Comparison:
     reason: str
     max_abs_error: float | None = None
     max_rel_error: float | None = None
+    problems: tuple[tuple[Record, tuple[str, ...]], ...] = ()
+    """On a mismatch, each record's problems: `explain_mismatch` builds the reason from them without comparing
+    again."""
 
 
 # ---------------------------------------------------------------------------------------------- environment
@@ -385,37 +388,48 @@ def _compare_record(
 
 
 def compare_outputs(
-    golden: Golden,
-    outputs: Mapping[str, tuple[str, np.ndarray[Any, Any]]],
-    cmp: CompareConfig,
-    environment: Mapping[str, Any] | None = None,
+    golden: Golden, outputs: Mapping[str, tuple[str, np.ndarray[Any, Any]]], cmp: CompareConfig
 ) -> Comparison:
-    """Does the live output equal (exact) or lie within tolerance of any record? The reason says why not.
-
-    When no record matches, the reason shows the closest record's first mismatch and, if the records came
-    from other environments, where each was recorded and what this node is.
-    """
-    best: tuple[list[str], float | None, float | None, Record] | None = None
+    """Does the live output equal (exact) or lie within tolerance of any record? Compared once, record by record;
+    on a mismatch the reason is the closest record's first problem (`explain_mismatch` adds environments)."""
+    problems: list[tuple[Record, tuple[str, ...]]] = []
+    max_abs: float | None = None
+    max_rel: float | None = None
     for rec in golden.records:
-        problems, max_abs, max_rel = _compare_record(golden, rec, outputs, cmp)
-        if not problems:
+        found, rec_abs, rec_rel = _compare_record(golden, rec, outputs, cmp)
+        if not found:
             reason = "ok"
-            if cmp.mode == "tolerance" and max_abs is not None:
-                reason = f"ok (max abs error {max_abs:.3g}, max rel {max_rel or 0.0:.3g})"
-            return Comparison(True, reason, max_abs, max_rel)
-        same_env = environment is not None and rec.env_id == environment_id(environment)
-        if best is None or same_env or len(problems) < len(best[0]):
-            best = (problems, max_abs, max_rel, rec)
-    assert best is not None  # parse_golden guarantees at least one record
-    problems, max_abs, max_rel, rec = best
-    reason = problems[0] + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else "")
-    if environment is not None:
-        this_id = environment_id(environment)
-        others = [r for r in golden.records if r.env_id != this_id]
-        if others:
-            where = "; ".join(sorted({describe_environment(r.environment) for r in others}))
-            reason += f"; golden recorded on {where}; this node is {describe_environment(environment)}"
-    return Comparison(False, reason, max_abs, max_rel)
+            if cmp.mode == "tolerance" and rec_abs is not None:
+                reason = f"ok (max abs error {rec_abs:.3g}, max rel {rec_rel or 0.0:.3g})"
+            return Comparison(True, reason, rec_abs, rec_rel)
+        problems.append((rec, tuple(found)))
+        if rec_abs is not None:
+            max_abs, max_rel = rec_abs, rec_rel
+    assert problems  # parse_golden guarantees at least one record
+    return Comparison(
+        False, _first_problem(min(problems, key=lambda p: len(p[1]))[1]), max_abs, max_rel, tuple(problems)
+    )
+
+
+def _first_problem(found: tuple[str, ...]) -> str:
+    return found[0] + (f" (+{len(found) - 1} more)" if len(found) > 1 else "")
+
+
+def explain_mismatch(golden: Golden, comparison: Comparison, environment: Mapping[str, Any] | None) -> str:
+    """The reason for a mismatch: the problems of this node's own record if it has one (else the closest record's)
+    and, when records came from other environments, where each was recorded and what this node is."""
+    if comparison.ok or not comparison.problems:
+        return comparison.reason
+    if environment is None:
+        return comparison.reason
+    this_id = environment_id(environment)
+    own = [found for rec, found in comparison.problems if rec.env_id == this_id]
+    reason = _first_problem(own[0]) if own else comparison.reason
+    others = [r for r in golden.records if r.env_id != this_id]
+    if others:
+        where = "; ".join(sorted({describe_environment(r.environment) for r in others}))
+        reason += f"; golden recorded on {where}; this node is {describe_environment(environment)}"
+    return reason
 
 
 def check_golden_for(golden: Golden, canary_name: str, input_digest: str, mode: str, path: Path) -> None:

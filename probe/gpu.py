@@ -1,12 +1,12 @@
 """GPU memory headroom, sampled off the event loop; the only module that imports `pynvml`.
 
-Two sources feed the `gpu` check through the same small read interface (`GpuSource`):
+Two samplers feed the `gpu` check through one interface (`GpuSampler`: start, stop, latest sample, trend):
 
-- `NvmlSampler` asks NVML directly from ONE dedicated daemon thread. NVML calls block and can hang inside
+- `NvmlSampler` (here) asks NVML directly from ONE dedicated daemon thread. NVML calls block and can hang inside
   the driver (a wedged GPU, a driver reset), so they never run on the event loop and are never retried from
   fresh threads: a hung call just leaves `latest()` growing stale, which the check reports.
-- `TritonMetricsSampler` reads Triton's own Prometheus metrics over HTTP, for sidecars that are given no
-  GPU (or no driver) of their own.
+- `probe.triton_metrics.TritonMetricsSampler` reads Triton's own Prometheus metrics over HTTP, for sidecars that
+  are given no GPU (or no driver) of their own.
 
 Every failure becomes data: a `GpuSample` with a one-line `error` (library not found, driver not loaded, GPU
 lost, a configured device not found, Triton unreachable). Nothing here runs at import time; `pynvml` is
@@ -16,21 +16,16 @@ imported inside the functions that need it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ctypes
 import logging
-import math
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from probe.config import GpuConfig
-
-if TYPE_CHECKING:
-    import aiohttp
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +62,13 @@ class GpuSample:
     error: str | None = None
 
 
-class GpuSource(Protocol):
-    """What the `gpu` check reads: the latest sample and the used-memory trend. Neither call may block."""
+class GpuSampler(Protocol):
+    """A GPU memory sampler: started and stopped by the sidecar; the `gpu` check reads the latest sample and the
+    used-memory trend, and neither read may block."""
+
+    async def start_sampling(self) -> None: ...
+
+    async def stop_sampling(self) -> None: ...
 
     def latest(self) -> GpuSample | None: ...
 
@@ -78,7 +78,7 @@ class GpuSource(Protocol):
 # ------------------------------------------------------------------------------------------------ history
 
 
-class _History:
+class History:
     """Latest sample plus recent used-memory points, shared by both samplers; safe across threads."""
 
     def __init__(self, window: float, source: str) -> None:
@@ -442,7 +442,7 @@ class NvmlSampler:
         self._clock = clock
         self._library_path = library_path
         self._selection = _selection(cfg.devices, visible_devices)
-        self._history = _History(cfg.trend_window, "nvml")
+        self._history = History(cfg.trend_window, "nvml")
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._round_lock = threading.Lock()  # one round at a time: the thread, or sample_once() before start
@@ -485,6 +485,12 @@ class NvmlSampler:
             return True
         thread.join(timeout)
         return not thread.is_alive()
+
+    async def start_sampling(self) -> None:
+        self.start()
+
+    async def stop_sampling(self) -> None:
+        await asyncio.to_thread(self.stop)
 
     def sample_once(self) -> GpuSample:
         """Take one sample on the calling thread, publish it and return it. Blocking; for one-shot use
@@ -597,135 +603,3 @@ class NvmlSampler:
             self._memory_v1 = True
         m = nv.nvmlDeviceGetMemoryInfo(handle)
         return int(m.total), int(m.free), int(m.used)
-
-
-# ------------------------------------------------------------------------------- Triton metrics sampler
-
-_TOTAL = "nv_gpu_memory_total_bytes"
-_USED = "nv_gpu_memory_used_bytes"
-NO_GPU_METRICS = "Triton exports no GPU memory metrics (CPU-only Triton, or --allow-gpu-metrics=false)"
-
-
-class TritonMetricsSampler:
-    """Reads GPU memory from Triton's Prometheus endpoint (`nv_gpu_memory_{total,used}_bytes`) on an
-    asyncio task, every `cfg.interval` seconds, each fetch bounded by min(interval, 2 s).
-
-    A round fails when the endpoint is unreachable or answers non-200, when the text has no GPU memory
-    metrics, or when a configured UUID is absent. Triton labels GPUs only by UUID, so `gpu.devices` must
-    list UUIDs for this source; with `auto`, UUIDs in NVIDIA_VISIBLE_DEVICES narrow the set, and anything
-    else means every GPU Triton reports (Triton's container decides what it sees, not this sidecar's).
-    """
-
-    def __init__(
-        self, cfg: GpuConfig, url: str, *, clock: Clock = time.monotonic, visible_devices: str | None = None
-    ) -> None:
-        self._cfg = cfg
-        self._url = url
-        self._clock = clock
-        self._history = _History(cfg.trend_window, "triton-metrics")
-        self._timeout = min(cfg.interval, 2.0)
-        self._task: asyncio.Task[None] | None = None
-        self._wanted: tuple[str, ...] | None = None
-        self._strict = False  # explicit gpu.devices: every listed UUID must be present
-        self._config_error: str | None = None
-        if cfg.devices is not None:
-            indices = [d for d in cfg.devices if not d.startswith(("GPU-", "MIG-"))]
-            if indices:
-                self._config_error = (
-                    f"gpu.devices: {', '.join(indices)}: source triton-metrics labels GPUs by UUID only; "
-                    "list GPU-/MIG- UUIDs"
-                )
-            self._wanted, self._strict = tuple(cfg.devices), True
-        elif visible_devices:
-            uuids = tuple(p.strip() for p in visible_devices.split(",") if p.strip().startswith(("GPU-", "MIG-")))
-            self._wanted = uuids or None
-
-    def latest(self) -> GpuSample | None:
-        """The newest sample, or None before the first fetch ends. Never blocks."""
-        return self._history.latest()
-
-    def trend(self) -> dict[str, float]:
-        """Used-memory slope per GPU in bytes per minute over `cfg.trend_window` (see `NvmlSampler.trend`)."""
-        return self._history.trend()
-
-    async def start(self, session: aiohttp.ClientSession) -> None:
-        """Start polling with `session` (owned by the caller) on a task of the running loop."""
-        if self._task is None or self._task.done():
-            self._task = asyncio.create_task(self._poll(session), name="probe-triton-gpu-metrics")
-
-    async def stop(self) -> None:
-        """Cancel the polling task and wait for it to end."""
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
-    async def _poll(self, session: aiohttp.ClientSession) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            started = loop.time()
-            try:
-                sample = await self.fetch_once(session)
-            except Exception as e:  # a bug must not end polling: the check would only see staleness
-                log.exception("Triton GPU metrics round failed")
-                sample = GpuSample(self._clock(), (), f"GPU metrics sampler error: {e!r}")
-            self._history.publish(sample)
-            await asyncio.sleep(max(0.0, self._cfg.interval - (loop.time() - started)))
-
-    async def fetch_once(self, session: aiohttp.ClientSession) -> GpuSample:
-        """Fetch and parse the metrics once without publishing (the polling task publishes); every failure
-        is returned as an error sample."""
-        import aiohttp
-
-        if self._config_error is not None:
-            return GpuSample(self._clock(), (), self._config_error)
-        try:
-            async with session.get(self._url, timeout=aiohttp.ClientTimeout(total=self._timeout)) as resp:
-                if resp.status != 200:
-                    return GpuSample(self._clock(), (), f"Triton metrics {self._url}: HTTP {resp.status}")
-                text = await resp.text()
-        except TimeoutError:
-            msg = f"Triton metrics {self._url}: no answer within {self._timeout:g}s"
-            return GpuSample(self._clock(), (), msg)
-        except aiohttp.ClientError as e:
-            return GpuSample(self._clock(), (), f"cannot read Triton metrics {self._url}: {e}")
-        return self._parse(text)
-
-    def _parse(self, text: str) -> GpuSample:
-        from prometheus_client.parser import text_string_to_metric_families
-
-        # Triton's metrics page also carries per-model series; only our two metrics need parsing.
-        lines = [ln for ln in text.splitlines() if _TOTAL in ln or _USED in ln]
-        totals: dict[str, int] = {}
-        used: dict[str, int] = {}
-        try:
-            for family in text_string_to_metric_families("\n".join(lines) + "\n"):
-                for s in family.samples:
-                    uuid = s.labels.get("gpu_uuid")
-                    if uuid is None or math.isnan(s.value):
-                        continue
-                    if s.name == _TOTAL:
-                        totals[uuid] = int(s.value)
-                    elif s.name == _USED:
-                        used[uuid] = int(s.value)
-        except ValueError as e:
-            return GpuSample(self._clock(), (), f"Triton metrics {self._url}: unparsable GPU metrics: {e}")
-        seen = [u for u in totals if u in used]
-        if not seen:
-            return GpuSample(self._clock(), (), NO_GPU_METRICS)
-        chosen = seen
-        if self._wanted is not None:
-            missing = [u for u in self._wanted if u not in totals or u not in used]
-            if self._strict and missing:
-                msg = (
-                    f"gpu.devices: {', '.join(missing)} not in Triton's GPU metrics (Triton reports: {', '.join(seen)})"
-                )
-                return GpuSample(self._clock(), (), msg)
-            chosen = [u for u in seen if u in self._wanted]
-            if not chosen:
-                msg = f"NVIDIA_VISIBLE_DEVICES: none of {', '.join(self._wanted)} in Triton's GPU metrics"
-                return GpuSample(self._clock(), (), msg)
-        # Triton has no device names in its metrics; the UUID alone names the device.
-        devices = tuple(GpuMemory(u, "", totals[u], max(totals[u] - used[u], 0), used[u]) for u in chosen)
-        return GpuSample(self._clock(), devices)

@@ -8,7 +8,7 @@ import sys
 import time
 from typing import Any
 
-from probe.checks.base import CheckResult
+from probe.verdict import Verdict
 
 LOGGER = "probe"
 
@@ -52,14 +52,9 @@ class StateLogger:
         self._state: bool | None = None
         self._failing: dict[str, str] = {}
 
-    @property
-    def passing(self) -> bool:
-        """The last state logged was passing."""
-        return self._state is True
-
-    def observe(self, results: dict[str, CheckResult]) -> None:
-        failing = {n: r.reason for n, r in results.items() if not r.ok}
-        ok = not failing
+    def observe(self, verdict: Verdict) -> None:
+        failing = {n: r.reason for n, r in verdict.checks.items() if not r.ok}
+        ok = verdict.ok
         if ok == self._state and set(failing) == set(self._failing):
             return
         previous = self._state

@@ -8,7 +8,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from probe.checks.base import CheckResult
+from probe.checks.base import CheckResult, Kind
 from probe.runner import Run
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -92,11 +92,14 @@ class Metrics:
         )
         self.asyncio_tasks.set_function(_asyncio_tasks)
 
-    def observe_run(self, run: Run) -> None:
+    def observe_run(self, run: Run, *, ready: bool, live: bool) -> None:
+        """One finished run, and the verdicts judged from it (`probe.verdict.readiness`, `Liveness.verdict`)."""
         self.runs.inc()
+        self.ready.set(1.0 if ready else 0.0)
+        self.live.set(1.0 if live else 0.0)
         for name, r in run.results.items():
             self.observe_check(r)
-            if name.startswith("canary/"):
+            if r.kind is Kind.CANARY:
                 canary = name.split("/", 1)[1]
                 lat = r.details.get("latency_s")
                 if isinstance(lat, float):
@@ -106,7 +109,7 @@ class Metrics:
                 err = r.details.get("max_abs_error")
                 if isinstance(err, float):
                     self.max_abs_error.labels(canary).set(err)
-            if name == "gpu":
+            elif r.kind is Kind.GPU:
                 self.observe_gpu(r.details)
 
     def observe_check(self, r: CheckResult) -> None:

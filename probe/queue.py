@@ -1,8 +1,9 @@
 """Triton's own queue signal for each canary's model, exported so KEDA or an HPA can scale on it.
 
 Off the probe path: a background task owned by the sidecar polls `/v2/models/<m>/stats` (mean queue time per
-request since the previous poll, from the counters' deltas) and Triton's metrics endpoint
-(`nv_inference_pending_request_count`). A failed poll leaves the gauges as they were and is retried.
+request since the previous poll, from the counters' deltas) and reads Triton's metrics page
+(`nv_inference_pending_request_count`) through the shared `MetricsPage`, so the page is fetched once per period
+for this and the GPU source alike. A failed poll leaves the gauges as they were and is retried.
 """
 
 from __future__ import annotations
@@ -12,11 +13,11 @@ import contextlib
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 from probe.metrics import Metrics
 from probe.triton import TritonClient, TritonRequestError, TritonUnreachable
+from probe.triton_metrics import MetricsPage
 
 
 @dataclass
@@ -51,16 +52,16 @@ class QueueWatcher:
     """Polls the queue signal every `period` seconds while the sidecar runs."""
 
     def __init__(
-        self, client: TritonClient, models: list[tuple[str, str]], metrics: Metrics, metrics_url: str, period: float
+        self, client: TritonClient, models: list[tuple[str, str]], metrics: Metrics, page: MetricsPage, period: float
     ) -> None:
         self._client = client
         self._models = models
         self._metrics = metrics
-        self._metrics_url = metrics_url
+        self._page = page
         self.period = period
         self._last: dict[str, _Counter] = {}
 
-    async def poll_once(self, session: aiohttp.ClientSession | None) -> None:
+    async def poll_once(self) -> None:
         for model, version in self._models:
             try:
                 count, ns = queue_totals(await self._client.statistics(model, version))
@@ -71,22 +72,17 @@ class QueueWatcher:
             if prev is not None and count >= prev.count:
                 waited = count - prev.count
                 self._metrics.queue_time.labels(model).set((ns - prev.ns) / waited / 1e9 if waited else 0.0)
-        if session is None:
+        page = await self._page.get(max_age=self.period * 0.9)
+        if page.text is None:
             return
-        try:
-            timeout = aiohttp.ClientTimeout(total=min(self.period, 2.0))
-            async with session.get(self._metrics_url, timeout=timeout) as resp:
-                if resp.status != 200:
-                    return
-                text = await resp.text()
-        except (TimeoutError, aiohttp.ClientError, UnicodeDecodeError):
-            return
+        text = page.text
         with contextlib.suppress(ValueError):
             for model, value in pending_requests(text, {m for m, _ in self._models}).items():
                 self._metrics.queue_pending.labels(model).set(value)
 
-    async def run(self, session: aiohttp.ClientSession | None) -> None:
+    async def run(self) -> None:
         while True:
             with contextlib.suppress(Exception):  # observability must never take the sidecar down
-                await asyncio.wait_for(self.poll_once(session), max(self.period, 1.0))
+                async with asyncio.timeout(max(self.period, 1.0)):
+                    await self.poll_once()
             await asyncio.sleep(self.period)

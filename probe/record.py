@@ -91,10 +91,13 @@ async def record_canary(
 
     # One unrecorded warm-up first: the first request pays for connection setup and cold caches, which would
     # inflate the latency baseline that drift is judged against.
-    await asyncio.wait_for(client.infer(canary, inputs, canary.outputs), RECORD_RUN_TIMEOUT)
+    # Every output as binary data, as the canary asks for them: JSON-encoded tensors would be larger and slower.
+    wanted = canary.outputs or tuple(t.name for t in info.outputs)
+    cap = cfg.triton.max_reply
+    await asyncio.wait_for(client.infer(canary, inputs, wanted, max_reply=cap), RECORD_RUN_TIMEOUT)
     outcomes: list[InferOutcome] = []
     for _ in range(runs):
-        outcomes.append(await asyncio.wait_for(client.infer(canary, inputs, canary.outputs), RECORD_RUN_TIMEOUT))
+        outcomes.append(await asyncio.wait_for(client.infer(canary, inputs, wanted, max_reply=cap), RECORD_RUN_TIMEOUT))
     first = outcomes[0]
     if not first.outputs:
         raise RecordRefused(f"canary {canary.name}: the model returned no outputs")

@@ -1,8 +1,18 @@
 """The HTTP face of `probe serve`: /ready, /live, per-check paths, /metrics. It aggregates, never probes.
 
-Every answer comes from the runner (cached or single-flight run, bounded by probe.timeout) and is itself
-bounded by `probe.timeout` plus a small margin, whatever Triton or the GPU driver does. Request bodies are never
-read. Verbose and JSON formats follow Kubernetes' healthz and the IETF health-check draft.
+aiohttp serves every request. Every answer comes from the runner (a cached or shared run, bounded by
+`probe.timeout`) and is itself bounded by `probe.timeout` plus a small margin, whatever Triton or the GPU driver
+does. Request bodies are never read. Verbose and JSON formats follow Kubernetes' healthz and the IETF
+health-check draft.
+
+What the listener guards against, since the pod IP is reachable by anything in the cluster:
+- a request head must arrive whole within `HEAD_DEADLINE_S` of the connection opening or of the previous answer
+  (aiohttp's keep-alive timer runs from the connection's start and closes a handler still waiting for its head);
+- connections are capped below the fd limit with a reserve kept back, and at the cap the oldest connection is
+  closed for the new one: slow or idle clients are evicted, and a kubelet probe always gets through; one log line
+  per interval says so, never a traceback per accept;
+- aiohttp's own error pages (bad request heads) are replaced by one short line that echoes nothing, with
+  `Server: probe/<version>` like every other answer.
 """
 
 from __future__ import annotations
@@ -10,30 +20,41 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+import resource
+import time
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
+from http import HTTPStatus
 from typing import Any
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 
-from probe.checks.base import CheckResult, failed
-from probe.runner import Liveness, Run, Runner
+from probe import __version__
+from probe.checks.base import CheckResult
+from probe.liveness import Liveness
+from probe.logs import log
+from probe.runner import Runner
+from probe.verdict import Verdict, readiness
 
 HEALTH_JSON = "application/health+json"
+SERVER = f"probe/{__version__}"
 # Slack over probe.timeout for the answer's own work; the runner already keeps ANSWER_MARGIN back.
 ANSWER_SLACK = 0.05
-
-Hook = Callable[[web.Application], Awaitable[None]]
+# A request head must arrive within this long; an idle keep-alive connection is closed after it too.
+HEAD_DEADLINE_S = 5.0
+# File descriptors kept back from the connection cap: Triton connections, golden files, NVML, logs.
+FD_RESERVE = 64
+MAX_CONNECTIONS = 4096
+LIMIT_LOG_EVERY_S = 10.0
 READY, LIVE = "ready", "live"
-Deliver = Callable[[bool], None]
-
-
-def _deliver(deliver: Deliver, ok: bool) -> None:
-    try:
-        deliver(ok)
-    except Exception:  # one broken connection must not keep the other waiting probes from their answers
-        logging.getLogger("probe").exception("delivering a probe answer failed")
+_PLAIN = {
+    (READY, True): "ok",
+    (READY, False): "ready check failed",
+    (LIVE, True): "ok",
+    (LIVE, False): "live check failed",
+}
+_FALSE = ("0", "false", "no", "off")
 
 
 def _iso(ts: float) -> str:
@@ -50,138 +71,55 @@ def check_json(r: CheckResult) -> dict[str, Any]:
     return d
 
 
-@dataclass
-class _Waiting:
-    """The plain probes waiting on one run, and the timer that answers them if the run never finishes."""
-
-    guard: asyncio.TimerHandle
-    probes: list[tuple[str, Deliver]] = field(default_factory=list)
-
-
 class Health:
-    """Readiness and liveness views over the runner's results."""
+    """Readiness and liveness over the runner's results, each answer within `timeout` (plus slack)."""
 
     def __init__(self, runner: Runner, liveness: Liveness, *, timeout: float) -> None:
         self.runner = runner
         self.liveness = liveness
         self.timeout = timeout
-        self._waiting: dict[asyncio.Future[Any], _Waiting] = {}
-        runner.add_done_hook(self._run_done)
 
-    # ------------------------------------------------------------------ plain verdicts, for the probe front
-
-    def now(self, kind: str) -> bool | None:
-        """The plain verdict of `kind` ("ready" or "live") from the cached run, or None when it needs a run."""
-        return self.ready_now() if kind == READY else self.live_now()
-
-    def later(self, kind: str, deliver: Deliver) -> None:
-        """Call `deliver(ok)` with the plain verdict of `kind` once the shared run in flight finishes (starting
-        one if none is), and never later than `timeout` plus a little slack: no task per waiting probe, and
-        one guard timer per run however many probes wait on it."""
-        if kind == READY and self.runner.instant_passing() is None:  # an instant check without passing()
-            task = asyncio.ensure_future(self.ready_ok())
-            task.add_done_callback(lambda t: deliver(False if t.cancelled() or t.exception() else t.result()))
-            return
-        fut = self.runner.run_future()
-        waiting = self._waiting.get(fut)
-        if waiting is None:
-            guard = asyncio.get_running_loop().call_later(self.timeout + ANSWER_SLACK / 2, self._late, fut)
-            waiting = self._waiting[fut] = _Waiting(guard)
-            fut.add_done_callback(self._settled)  # only if the run ended without reaching its done hook
-        waiting.probes.append((kind, deliver))
-
-    def _run_done(self, run: Run) -> None:
-        """The runner's done hook: answer the probes waiting on this run (it runs in the run's own task)."""
-        if not self._waiting:
-            return
-        task = asyncio.current_task()
-        waiting = self._waiting.pop(task, None) if task is not None else None
-        if waiting is not None:
-            self._answer(waiting, run)
-
-    def _settled(self, fut: asyncio.Future[Any]) -> None:
-        waiting = self._waiting.pop(fut, None)
-        if waiting is not None:  # cancelled or crashed before its done hook: nothing to judge by
-            run = None if fut.cancelled() or fut.exception() is not None else fut.result()
-            self._answer(waiting, run)
-
-    def _late(self, fut: asyncio.Future[Any]) -> None:
-        waiting = self._waiting.pop(fut, None)
-        if waiting is not None:
-            self._answer(waiting, None)
-
-    def _answer(self, waiting: _Waiting, run: Run | None) -> None:
-        waiting.guard.cancel()
-        if run is None:  # as when a run does not finish in time: readiness fails, liveness holds
-            verdicts = {READY: False, LIVE: True}
-        else:  # judged once for every probe waiting on this run, however many there are
-            verdicts = {
-                READY: run.ok and bool(self.runner.instant_passing()),
-                LIVE: self.liveness.is_live(run.results),
-            }
-        for kind, deliver in waiting.probes:
-            _deliver(deliver, verdicts[kind])
-
-    # ------------------------------------------------------------------------------ full results, for the app
-
-    async def results(self) -> dict[str, CheckResult]:
-        run = self.runner.cached()
-        if run is not None:  # the common case under load: nothing to wait for, so no deadline to arm
-            return await self.runner.merge(run)
-        try:
-            async with asyncio.timeout(self.timeout + ANSWER_SLACK / 2):
-                return await self.runner.snapshot()
-        except TimeoutError:  # pragma: no cover - the runner's budget should make this impossible
-            return {n: failed(n, "probe run did not finish in time") for n in self.runner.names}
-
-    async def ready(self) -> dict[str, CheckResult]:
-        return await self.results()
-
-    def ready_now(self) -> bool | None:
-        """Readiness from the cached run without waiting, or None when answering needs a run."""
+    async def results(self) -> Mapping[str, CheckResult]:
         run = self.runner.cached()
         if run is None:
-            return None
-        instant = self.runner.instant_passing()
-        return None if instant is None else run.ok and instant
+            try:
+                async with asyncio.timeout(self.timeout + ANSWER_SLACK / 2):
+                    run = await self.runner.results()
+            except TimeoutError:  # pragma: no cover - the runner's budget should make this impossible
+                return self.runner.unfinished("probe run did not finish in time")
+        return self.runner.current(run)
 
-    async def ready_ok(self) -> bool:
-        """Just the aggregate readiness, for the plain `/ready` every kubelet sends: no per-check rendering."""
-        run = self.runner.cached()
-        if run is None:
-            return all(r.ok for r in (await self.results()).values())
-        return run.ok and await self.runner.instant_ok()
+    async def ready(self) -> Verdict:
+        return readiness(await self.results())
 
-    def live_now(self) -> bool | None:
-        """Liveness from the cached run without waiting, or None when answering needs a run.
-
-        Instant checks never fail liveness (`ping` always passes, `shutdown` drains without a restart)."""
-        run = self.runner.cached()
-        return None if run is None else self.liveness.is_live(run.results)
-
-    async def live_ok(self) -> bool:
-        now = self.live_now()
-        if now is not None:
-            return now
-        return all(r.ok for r in (await self.live()).values())
-
-    async def live(self) -> dict[str, CheckResult]:
+    async def live(self) -> Verdict:
         return self.liveness.verdict(await self.results())
 
 
-def _excluded(request: web.Request) -> list[str]:
-    return request.query.getall("exclude", [])
+# ------------------------------------------------------------------------------------------------ answers
 
 
-def _wants_json(request: web.Request) -> bool:
+def _text(status: int, text: str, *, content_type: str = "text/plain") -> web.Response:
+    resp = web.Response(status=status, text=text, content_type=content_type)
+    resp.headers["Server"] = SERVER
+    resp.headers["X-Content-Type-Options"] = "nosniff"
+    return resp
+
+
+def _wants_json(request: web.BaseRequest) -> bool:
     accept = request.headers.get("Accept", "")
     return "application/json" in accept or HEALTH_JSON in accept
 
 
-def _aggregate(kind: str, results: dict[str, CheckResult], request: web.Request) -> web.Response:
-    excluded = _excluded(request)
-    shown = {n: r for n, r in results.items() if n not in excluded}
-    ok = all(r.ok for r in shown.values())
+def _verbose(request: web.BaseRequest) -> bool:
+    values = request.query.getall("verbose", None)
+    return values is not None and values[-1].strip().lower() not in _FALSE
+
+
+def _aggregate(kind: str, verdict: Verdict, request: web.BaseRequest) -> web.Response:
+    excluded = request.query.getall("exclude", [])
+    shown = {n: r for n, r in verdict.checks.items() if n not in excluded}
+    ok = verdict.ok if not excluded else all(r.ok for r in shown.values())
     status = 200 if ok else 503
     if _wants_json(request):
         body = {
@@ -189,81 +127,218 @@ def _aggregate(kind: str, results: dict[str, CheckResult], request: web.Request)
             "description": f"{kind} of the Triton server as seen by probe",
             "checks": {n: [check_json(r)] for n, r in shown.items()},
         }
-        return web.Response(status=status, text=json.dumps(body), content_type=HEALTH_JSON)
-    if "verbose" not in request.query:
-        return web.Response(status=status, text="ok" if ok else f"{kind} check failed", content_type="text/plain")
+        return _text(status, json.dumps(body), content_type=HEALTH_JSON)
+    if not _verbose(request):
+        return _text(status, _PLAIN[kind, ok])
     lines = [f"[+]{n} ok" if r.ok else f"[-]{n} failed: reason withheld" for n, r in shown.items()]
-    unknown = [e for e in excluded if e not in results]
+    unknown = [e for e in excluded if e not in verdict.checks]
     if unknown:
-        lines.append(f"warn: some health checks cannot be excluded: no matches for {', '.join(map(repr, unknown))}")
+        names = ", ".join(repr(e[:64]) for e in unknown[:8])
+        lines.append(f"warn: some health checks cannot be excluded: no matches for {names}")
     lines.append(f"{kind} check passed" if ok else f"{kind} check failed")
-    return web.Response(status=status, text="\n".join(lines) + "\n", content_type="text/plain")
+    return _text(status, "\n".join(lines) + "\n")
 
 
-def _single(results: dict[str, CheckResult], name: str, request: web.Request) -> web.Response:
-    r = results.get(name)
+def _single(verdict: Verdict, name: str, request: web.BaseRequest) -> web.Response:
+    r = verdict.checks.get(name)
     if r is None:
-        return web.Response(status=404, text=f"no check named {name!r}\n", content_type="text/plain")
+        return _text(404, "no such check\n")
     status = 200 if r.ok else 503
     if _wants_json(request):
         body = {"status": r.status, "checks": {name: [check_json(r)]}}
-        return web.Response(status=status, text=json.dumps(body), content_type=HEALTH_JSON)
+        return _text(status, json.dumps(body), content_type=HEALTH_JSON)
     text = r.reason if r.ok else f"{name} failed: {r.reason}"
-    return web.Response(status=status, text=text + "\n", content_type="text/plain")
+    return _text(status, text + "\n")
 
 
-def make_app(
-    health: Health,
-    *,
-    metrics: Callable[[], tuple[bytes, str]] | None = None,
-    on_startup: list[Hook] | None = None,
-    on_cleanup: list[Hook] | None = None,
-    server_header: str | None = None,
-) -> web.Application:
-    """The aiohttp app: routes only; everything it needs is passed in (no globals)."""
+Metrics = Callable[[], tuple[bytes, str]]
 
-    async def ready(request: web.Request) -> web.Response:
-        if not request.query_string and not _wants_json(request):
-            # The kubelet's probe: answered from the run's precomputed verdict, nothing rendered per check.
-            if await health.ready_ok():
-                return web.Response(text="ok", content_type="text/plain")
-            return web.Response(status=503, text="ready check failed", content_type="text/plain")
-        return _aggregate("ready", await health.ready(), request)
 
-    async def ready_one(request: web.Request) -> web.Response:
-        return _single(await health.ready(), request.match_info["check"], request)
+def make_handler(health: Health, *, metrics: Metrics | None = None) -> Callable[[web.BaseRequest], Any]:
+    """The one request handler: routes only; everything it needs is passed in (no globals)."""
 
-    async def live(request: web.Request) -> web.Response:
-        return _aggregate("live", await health.live(), request)
+    async def handle(request: web.BaseRequest) -> web.StreamResponse:
+        path = request.path
+        known = path in ("/ready", "/live", "/metrics") or path.startswith(("/ready/", "/live/"))
+        if not known or (path == "/metrics" and metrics is None):
+            return _text(404, "not found\n")
+        if request.method not in ("GET", "HEAD"):
+            resp = _text(405, "method not allowed\n")
+            resp.headers["Allow"] = "GET, HEAD"
+            return resp
+        if path == "/live/ping":  # the sidecar's own liveness: answering is enough, no run is triggered
+            return _text(200, "ok\n")
+        if path == "/metrics":
+            assert metrics is not None
+            body, ctype = metrics()
+            resp = web.Response(body=body)
+            resp.headers["Content-Type"] = ctype
+            resp.headers["Server"] = SERVER
+            return resp
+        kind, _, name = path[1:].partition("/")
+        verdict = await (health.ready() if kind == READY else health.live())
+        if name:
+            return _single(verdict, name, request)
+        return _aggregate(kind, verdict, request)
 
-    async def live_one(request: web.Request) -> web.Response:
-        name = request.match_info["check"]
-        if name == "ping":  # the sidecar's own liveness: answering is enough, no run is triggered
-            return web.Response(text="ok\n", content_type="text/plain")
-        return _single(await health.live(), name, request)
+    return handle
 
-    async def metrics_view(request: web.Request) -> web.Response:
-        if metrics is None:
-            raise web.HTTPNotFound()
-        body, ctype = metrics()
-        resp = web.Response(body=body)
-        resp.headers["Content-Type"] = ctype
+
+# ------------------------------------------------------------------------------------------------ listener
+
+
+class _Handler(RequestHandler):
+    """aiohttp's connection handler with one change: its error pages (a malformed request head, a handler that
+    raised) are one short line that echoes nothing of the request."""
+
+    def handle_error(
+        self,
+        request: Any,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if status >= 500:
+            logging.getLogger("probe").error("error answering a request", exc_info=exc)
+        if request.writer.output_size > 0:  # some of an answer went out already: the connection is broken
+            raise ConnectionError("answer already started")
+        try:
+            phrase = HTTPStatus(status).phrase
+        except ValueError:
+            phrase = "Error"
+        resp = _text(status, f"{status} {phrase}\n")
+        resp.force_close()
         return resp
 
-    app = web.Application(client_max_size=1024)
-    app.router.add_get("/ready", ready)
-    app.router.add_get("/ready/{check:.+}", ready_one)
-    app.router.add_get("/live", live)
-    app.router.add_get("/live/{check:.+}", live_one)
-    app.router.add_get("/metrics", metrics_view)
-    if server_header is not None:
 
-        async def name_server(_: web.Request, response: web.StreamResponse) -> None:
-            response.headers["Server"] = server_header
+class ProbeServer(web.Server):
+    """aiohttp's low-level server, with the connection cap and eviction described in the module docstring."""
 
-        app.on_response_prepare.append(name_server)
-    for hook in on_startup or []:
-        app.on_startup.append(hook)
-    for hook in on_cleanup or []:
-        app.on_cleanup.append(hook)
-    return app
+    def __init__(
+        self,
+        handler: Callable[[web.BaseRequest], Any],
+        *,
+        max_connections: int,
+        logger: logging.Logger | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(handler, **kwargs)
+        self.max_connections = max_connections
+        self._handler_kwargs = kwargs
+        self._open: dict[RequestHandler, asyncio.Transport] = {}
+        self._logger = logger or logging.getLogger("probe")
+        self._evicted = 0
+        self._logged_at = -LIMIT_LOG_EVERY_S
+        self.evicted_total = 0
+
+    def __call__(self) -> RequestHandler:
+        return _Handler(self, loop=asyncio.get_running_loop(), **self._handler_kwargs)
+
+    def connection_made(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
+        super().connection_made(handler, transport)
+        self._open[handler] = transport
+        while len(self._open) > self.max_connections:
+            oldest, victim = next(iter(self._open.items()))
+            del self._open[oldest]
+            victim.abort()
+            self._evicted += 1
+            self.evicted_total += 1
+        if self._evicted:
+            now = time.monotonic()
+            if now - self._logged_at >= LIMIT_LOG_EVERY_S:
+                log(
+                    self._logger,
+                    logging.WARNING,
+                    "connection limit reached: closed the oldest connections",
+                    limit=self.max_connections,
+                    closed=self._evicted,
+                )
+                self._logged_at, self._evicted = now, 0
+
+    def connection_lost(self, handler: RequestHandler, exc: BaseException | None = None) -> None:
+        self._open.pop(handler, None)
+        super().connection_lost(handler, exc)
+
+
+def connection_cap(reserve: int = FD_RESERVE) -> int:
+    """Raise the soft fd limit to the hard one, and cap connections below it with `reserve` kept back."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    return max(8, min(MAX_CONNECTIONS, soft - reserve))
+
+
+class Serving:
+    """The listening sidecar; `close()` stops accepting and closes every connection."""
+
+    def __init__(self, runner: web.ServerRunner, site: web.TCPSite, server: ProbeServer) -> None:
+        self._runner = runner
+        self.site = site
+        self.server = server
+
+    @property
+    def port(self) -> int:
+        return int(self._runner.addresses[0][1])
+
+    async def close(self) -> None:
+        await self._runner.cleanup()
+
+
+async def serve(
+    health: Health,
+    host: str,
+    port: int,
+    *,
+    metrics: Metrics | None = None,
+    max_connections: int | None = None,
+    head_deadline: float = HEAD_DEADLINE_S,
+    logger: logging.Logger | None = None,
+) -> Serving:
+    """Listen on host:port (port 0: any free one) and answer with `make_handler`."""
+    server = ProbeServer(
+        make_handler(health, metrics=metrics),
+        max_connections=max_connections if max_connections is not None else connection_cap(),
+        logger=logger,
+        keepalive_timeout=head_deadline,
+        access_log=None,
+        max_line_size=4096,
+        max_field_size=4096,
+        max_headers=64,
+    )
+    runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=1.0)
+    await runner.setup()
+    # backlog 128, not 1024: at the fd limit CPython's accept loop retries `backlog` times per wake-up.
+    site = web.TCPSite(runner, host, port, backlog=128, reuse_address=True)
+    try:
+        await site.start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return Serving(runner, site, server)
+
+
+def quiet_accept_errors(logger: logging.Logger, loop: asyncio.AbstractEventLoop) -> None:
+    """asyncio logs a traceback for every failed accept (EMFILE at the fd limit): log one line per interval."""
+    default = loop.get_exception_handler()
+    state = {"at": -LIMIT_LOG_EVERY_S, "count": 0}
+
+    def handler(lp: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        if isinstance(exc, OSError) and "accept" in str(context.get("message", "")):
+            state["count"] += 1
+            now = time.monotonic()
+            if now - state["at"] >= LIMIT_LOG_EVERY_S:
+                log(logger, logging.WARNING, "cannot accept connections", error=str(exc), times=state["count"])
+                state["at"], state["count"] = now, 0
+            return
+        if default is not None:
+            default(lp, context)
+        else:
+            lp.default_exception_handler(context)
+
+    loop.set_exception_handler(handler)

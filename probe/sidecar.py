@@ -1,7 +1,7 @@
-"""Wiring: build the checks, runner, liveness policy, metrics and GPU source from a config.
+"""Wiring: build the checks, runner, liveness policy, metrics and GPU sampler from a config.
 
-Nothing starts here; `start()`/`stop()` are called by the app's startup and cleanup hooks (or by the one-shot
-CLI), so importing or building never touches the network, NVML or threads.
+Nothing starts here; `start()`/`stop()` are called by `serve` (or by the one-shot CLI), so importing or building
+never touches the network, NVML or threads.
 """
 
 from __future__ import annotations
@@ -11,26 +11,28 @@ import contextlib
 import logging
 import os
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
 from prometheus_client import CollectorRegistry
 
-from probe.checks.base import Check
-from probe.checks.canary import CanaryCheck, GoldenStore, LatencyTracker
-from probe.checks.latency import LatencyCheck
+from probe.checks.base import Check, InstantCheck
+from probe.checks.canary import CanaryCheck, GoldenStore
 from probe.checks.lifecycle import Lifecycle, PingCheck, ShutdownCheck
-from probe.checks.model import ModelCheck
 from probe.checks.triton import TritonCheck
 from probe.config import Config, derived_metrics_url
 from probe.environment import EnvironmentProbe
+from probe.gpu import GpuSampler
+from probe.liveness import Liveness
 from probe.logs import StateLogger
 from probe.metrics import Metrics
 from probe.queue import QueueWatcher
-from probe.runner import Liveness, Run, Runner
+from probe.runner import Run, Runner
 from probe.server import Health
 from probe.triton import TritonClient
+from probe.triton_metrics import MetricsPage
+from probe.verdict import readiness
 
 
 @dataclass
@@ -43,26 +45,21 @@ class Sidecar:
     metrics: Metrics
     health: Health
     environment: EnvironmentProbe
-    gpu_source: Any = None
+    gpu: GpuSampler | None = None
     queue: QueueWatcher | None = None
-    _session: aiohttp.ClientSession | None = None
     _tasks: set[asyncio.Future[Any]] = field(default_factory=set)
 
     async def start(self, *, background: bool = True) -> None:
-        """Open clients and start the GPU sampler; with `background`, also the periodic runs and watchers."""
+        """Open the client and start the GPU sampler; with `background`, also the periodic runs and watchers."""
         await self.client.open()
-        self._session = aiohttp.ClientSession()
-        if self.gpu_source is not None:
-            if self.cfg.gpu.source == "triton-metrics":
-                await self.gpu_source.start(self._session)
-            else:
-                self.gpu_source.start()
+        if self.gpu is not None:
+            await self.gpu.start_sampling()
         if background:
             # The first run should see a GPU sample, or serve's first state line is a spurious "no GPU sample yet".
             await self.wait_first_gpu_sample(min(2.0, self.cfg.gpu.stale_limit))
             self.runner.start()
             if self.queue is not None:
-                self.spawn(self.queue.run(self._session))
+                self.spawn(self.queue.run())
             self.spawn(self.publish_environment())
 
     async def stop(self) -> None:
@@ -73,25 +70,19 @@ class Sidecar:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
         await self.runner.stop()
-        if self.gpu_source is not None:
-            if self.cfg.gpu.source == "triton-metrics":
-                await self.gpu_source.stop()
-            else:
-                self.gpu_source.stop()
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self.gpu is not None:
+            await self.gpu.stop_sampling()
         await self.client.close()
 
     async def wait_first_gpu_sample(self, limit: float) -> None:
-        """For one-shot checks: give the sampler a moment (at most `limit` seconds) to take its first sample."""
-        if self.gpu_source is None:
+        """Give the sampler a moment (at most `limit` seconds) to take its first sample."""
+        if self.gpu is None:
             return
         deadline = time.monotonic() + limit
-        while self.gpu_source.latest() is None and time.monotonic() < deadline:  # noqa: ASYNC110 - polls a thread
+        while self.gpu.latest() is None and time.monotonic() < deadline:  # noqa: ASYNC110 - polls a thread
             await asyncio.sleep(0.01)
 
-    def spawn(self, coro: Any) -> None:
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         """Run a background coroutine owned by the sidecar (cancelled by stop())."""
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
@@ -104,13 +95,40 @@ class Sidecar:
         c = self.cfg.canaries[0] if self.cfg.canaries else None
         while True:
             with contextlib.suppress(Exception):
-                fingerprint = (
-                    self.environment.fingerprint(c.model, c.version) if c else self.environment.server_fingerprint()
-                )
-                env = await asyncio.wait_for(fingerprint, 5.0)
+                async with asyncio.timeout(5.0):
+                    env = await (
+                        self.environment.fingerprint(c.model, c.version) if c else self.environment.server_fingerprint()
+                    )
                 self.metrics.set_environment(env)
                 return
             await asyncio.sleep(10.0)
+
+
+def _gpu_sampler(cfg: Config, page: MetricsPage, visible_devices: str | None, nvml_library: str | None) -> Any:
+    if cfg.gpu.source == "nvml":
+        from probe.gpu import NvmlSampler
+
+        return NvmlSampler(cfg.gpu, visible_devices=visible_devices, library_path=nvml_library)
+    from probe.triton_metrics import TritonMetricsSampler
+
+    return TritonMetricsSampler(cfg.gpu, page, visible_devices=visible_devices)
+
+
+def observe_runs(runner: Runner, liveness: Liveness, metrics: Metrics, logger: logging.Logger | None) -> None:
+    """After every run: liveness takes it in, then both verdicts are judged once for the metrics and the logs."""
+    ready_log = StateLogger(logger, "ready") if logger is not None else None
+    live_log = StateLogger(logger, "live") if logger is not None else None
+
+    def after_run(run: Run) -> None:
+        liveness.observe(run.results, run.started)
+        current = runner.current(run)
+        ready, live = readiness(current), liveness.verdict(current)
+        metrics.observe_run(run, ready=ready.ok, live=live.ok)
+        if ready_log is not None and live_log is not None:
+            ready_log.observe(ready)
+            live_log.observe(live)
+
+    runner.add_listener(after_run)
 
 
 def build_sidecar(
@@ -123,44 +141,37 @@ def build_sidecar(
     with_lifecycle_checks: bool = True,
 ) -> Sidecar:
     """Everything `serve` and `check` need, wired but not started."""
-    client = TritonClient(cfg.triton.url, ssl=cfg.triton.ssl)
+    client = TritonClient(cfg.triton.url, ssl=cfg.triton.ssl, tls=cfg.triton.tls)
     lifecycle = Lifecycle()
-    gpu_source: Any = None
-    queue: QueueWatcher | None = None
-    nvml_reader = None
     if visible_devices is None:
         visible_devices = os.environ.get("NVIDIA_VISIBLE_DEVICES")
+    page = MetricsPage(client, derived_metrics_url(cfg))
+    gpu: GpuSampler | None = None
+    nvml_reader = None
     if cfg.gpu.source != "none":
-        from probe import gpu as gpu_mod
+        gpu = _gpu_sampler(cfg, page, visible_devices, nvml_library)
 
         def nvml_reader() -> dict[str, Any]:
-            return gpu_mod.nvml_environment(cfg.gpu.devices, visible_devices, library_path=nvml_library)
+            from probe.gpu import nvml_environment
 
-        if cfg.gpu.source == "nvml":
-            gpu_source = gpu_mod.NvmlSampler(cfg.gpu, visible_devices=visible_devices, library_path=nvml_library)
-        else:
-            gpu_source = gpu_mod.TritonMetricsSampler(
-                cfg.gpu, derived_metrics_url(cfg), visible_devices=visible_devices
-            )
+            return nvml_environment(cfg.gpu.devices, visible_devices, library_path=nvml_library)
+
     environment = EnvironmentProbe(client, nvml_reader)
-    checks: list[Check] = []
-    canary_checks = []
+    checks: list[Check] = [TritonCheck(client, vouch=bool(cfg.canaries))]
     for c in cfg.canaries:
         golden = GoldenStore(cfg.golden_path(c.name))
-        tracker = LatencyTracker.create(c.latency.window)
-        canary = CanaryCheck(client, c, golden, tracker, environment, probe_timeout=cfg.probe.timeout)
-        canary_checks.append(canary)
-        checks += [ModelCheck(client, c, canary), canary, LatencyCheck(c, tracker, golden)]
-    checks.insert(0, TritonCheck(client, canary_checks))
-    if gpu_source is not None:
+        checks.append(
+            CanaryCheck(client, c, golden, environment, probe_timeout=cfg.probe.timeout, max_reply=cfg.triton.max_reply)
+        )
+    if gpu is not None:
         from probe.checks.gpu import GpuCheck
 
-        checks.append(GpuCheck(gpu_source, cfg.gpu))
-    if with_lifecycle_checks:
-        checks += [ShutdownCheck(lifecycle), PingCheck()]
+        checks.append(GpuCheck(gpu, cfg.gpu))
+    instant: list[InstantCheck] = [ShutdownCheck(lifecycle), PingCheck()] if with_lifecycle_checks else []
     metrics = Metrics(registry or CollectorRegistry())
     runner = Runner(
         checks,
+        instant,
         timeout=cfg.probe.timeout,
         min_interval=cfg.probe.min_interval,
         interval=cfg.probe.interval,
@@ -168,29 +179,10 @@ def build_sidecar(
     )
     liveness = Liveness(after=cfg.liveness.after, startup=cfg.liveness.startup, has_canaries=bool(cfg.canaries))
     health = Health(runner, liveness, timeout=cfg.probe.timeout)
-    runner.add_listener(liveness.observe)
-    runner.add_listener(metrics.observe_run, deferred=True)
-    if logger is not None:
-        ready_log = StateLogger(logger, "ready")
-        live_log = StateLogger(logger, "live")
-
-        def log_states(run: Run) -> None:
-            ready_log.observe(run.results)
-            if live_log.passing and liveness.is_live(run.results):
-                return  # still live: skip building the per-check verdict on every run
-            live_log.observe(liveness.verdict(run.results))
-
-        runner.add_listener(log_states, deferred=True)
-
-    def gauges(run: Run) -> None:
-        metrics.ready.set(1.0 if run.ok and not lifecycle.shutting_down else 0.0)
-        metrics.live.set(1.0 if liveness.is_live(run.results) else 0.0)
-
-    runner.add_listener(gauges, deferred=True)
+    observe_runs(runner, liveness, metrics, logger)
     models = sorted({(c.model, c.version) for c in cfg.canaries})
-    queue = QueueWatcher(client, models, metrics, derived_metrics_url(cfg), period=cfg.probe.interval or 10.0)
+    queue = QueueWatcher(client, models, metrics, page, period=cfg.probe.interval or 10.0) if models else None
     return Sidecar(
-        queue=queue if models else None,
         cfg=cfg,
         client=client,
         runner=runner,
@@ -199,5 +191,6 @@ def build_sidecar(
         metrics=metrics,
         health=health,
         environment=environment,
-        gpu_source=gpu_source,
+        gpu=gpu,
+        queue=queue,
     )

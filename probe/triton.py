@@ -1,19 +1,22 @@
-"""The probe's only way to talk to Triton: a thin async wrapper over `tritonclient.http.aio`.
+"""The probe's only way to talk to Triton: one aiohttp `ClientSession`, every reply read with a bound.
+
+`tritonclient.http.aio` builds each canary's inference body once (`generate_request_body`) and decodes the JSON
+header of each answer (`parse_response_body`); aiohttp carries the bytes. tritonclient's own client is not used
+for the wire because it reads every reply whole, without a bound, and asks Triton to gzip them.
 
 Every call raises one of two exceptions with a one-line reason, so checks can turn them into results:
-`TritonUnreachable` (no connection, reset, malformed reply: the server process is in trouble) and
-`TritonRequestError` (Triton answered, with an error). Deadlines are the caller's: cancelling a call (the
-runner's `asyncio.wait_for`) closes its HTTP request, so a timed-out canary is not left queued in the client.
+`TritonUnreachable` (no connection, reset, malformed or oversized reply: the server process is in trouble) and
+`TritonRequestError` (Triton answered, with an error). Deadlines are the caller's: cancelling a call (the runner's
+`asyncio.timeout`) aborts its connection, so a timed-out canary is not left queued on a reused one.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 import ssl as ssl_module
 import time
-import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
@@ -22,16 +25,24 @@ import aiohttp
 import numpy as np
 
 from probe import __version__
-from probe.config import CanaryConfig
-from probe.http1 import ConnectionPool, MalformedReply
+from probe.config import CanaryConfig, TlsConfig
 
-
-class _NeverRaised(Exception):
-    """Stands in for tritonclient's InferenceServerException until open() imports it."""
+# Health, metadata, config and statistics replies, and the JSON header of an inference reply.
+JSON_CAP = 1024 * 1024
+# Triton's Prometheus page: a few KB per model and GPU; a server with hundreds of models stays well under this.
+METRICS_CAP = 8 * 1024 * 1024
+# A backstop only: the runner's deadline (or the caller's) is what bounds every request.
+BACKSTOP_S = 60.0
+# Idle pooled connections to Triton are closed after this long (Triton's own keep-alive is longer).
+CLIENT_KEEPALIVE_S = 15.0
 
 
 class TritonUnreachable(Exception):
     """No usable answer from Triton: connection refused or reset, or a reply that is not Triton's."""
+
+
+class ReplyTooLarge(TritonUnreachable):
+    """A reply over its cap: refused without reading on."""
 
 
 class TritonRequestError(Exception):
@@ -55,11 +66,15 @@ class ModelInfo:
     backend: str
     inputs: tuple[TensorMeta, ...]
     outputs: tuple[TensorMeta, ...]
+    decoupled: bool = False
+    """`model_transaction_policy.decoupled`: Triton answers such a model only through generate or streaming."""
 
 
 @dataclass(frozen=True)
 class InferOutcome:
-    """What one canary inference returned: output name -> (datatype, tensor), and its wall latency."""
+    """What one canary inference returned: output name -> (datatype, tensor), and its wall latency.
+
+    The tensors of binary outputs are read-only views on the reply's own buffer: nothing is copied."""
 
     outputs: dict[str, tuple[str, np.ndarray[Any, Any]]]
     latency_s: float
@@ -69,81 +84,93 @@ class InferOutcome:
 _EXC_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt): .+")
 
 
-def _reason(e: BaseException) -> str:
+def one_line(e: BaseException | str) -> str:
     """One line: the first line of the message, with a backend traceback replaced by its exception line."""
     lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
     if not lines:
-        return type(e).__name__
+        return type(e).__name__ if isinstance(e, BaseException) else "no message"
     first = lines[0]
     if "Traceback" in first:
         head = first.split("Traceback", 1)[0].rstrip(" :")
         causes = [ln for ln in lines[1:] if _EXC_LINE.match(ln) and "Traceback" not in ln]
         if causes:
-            return f"{head}: {causes[-1]}"[:500]
+            return f"{head}: {causes[-1]}"[:500] if head else causes[-1][:500]
         return head[:500]
     return first[:500]
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Request:
     inputs: dict[str, np.ndarray[Any, Any]]
     outputs: tuple[str, ...] | None
-    message: bytes  # the whole HTTP/1.1 request, head and body
+    path: str
+    body: bytes
+    headers: Mapping[str, str]
 
 
-# A backstop only: the runner's deadline (or the caller's wait_for) is what bounds every request.
-BACKSTOP_S = 60.0
+def tls_context(tls: TlsConfig) -> ssl_module.SSLContext:
+    """The client TLS context for `triton.tls`: the system's CAs or `ca_file`; `verify: false` trusts anything."""
+    context = ssl_module.create_default_context(cafile=str(tls.ca_file) if tls.ca_file else None)
+    if not tls.verify:
+        context.check_hostname = False
+        context.verify_mode = ssl_module.CERT_NONE
+    return context
+
+
+def _model_path(model: str, version: str) -> str:
+    return f"/v2/models/{quote(model, safe='')}" + (f"/versions/{quote(version, safe='')}" if version else "")
 
 
 class TritonClient:
-    """Owns one `tritonclient.http.aio.InferenceServerClient`; open in a startup hook, close in cleanup.
+    """Owns the sidecar's one `aiohttp.ClientSession` to Triton; open in a startup hook, close in cleanup."""
 
-    Canary inferences skip re-encoding their fixed inputs on every run: the request body is generated once
-    with `tritonclient.http.aio`'s `generate_request_body`, posted on this client's own keep-alive connections
-    (`probe.http1`: a fresh probe's budget cannot afford aiohttp's client session per run), and the answer
-    decoded with its `parse_response_body`, exactly as `infer()` would, errors included.
-    """
-
-    def __init__(self, url: str, *, ssl: bool = False, conn_limit: int = 16) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        ssl: bool = False,
+        tls: TlsConfig | None = None,
+        conn_limit: int = 32,
+    ) -> None:
         self.url = url
         self.ssl = ssl
+        self._tls = tls or TlsConfig()
+        self._base = f"{'https' if ssl else 'http'}://{url}"
         self._conn_limit = conn_limit
-        self._client: Any = None
-        self._pool: ConnectionPool | None = None
-        self._host_header = url
+        self._session: aiohttp.ClientSession | None = None
         self._requests: dict[str, _Request] = {}
-        # tritonclient's parts used on every canary, bound by open() (importing tritonclient is slow: not at
-        # import time, and not once per call either).
-        self._server_error: Any = _NeverRaised
         self._parse_response: Any = None
+        self._np_dtype: Any = None
+        self._deserialize_bytes: Any = None
+        self.failures = 0
+        """Calls that got no good answer so far, a cancelled canary included (vouching for readiness stops there)."""
 
     async def open(self) -> None:
         import tritonclient.http.aio as aio  # deferred: importing tritonclient is slow and not needed to validate
-        from tritonclient.utils import InferenceServerException
+        from tritonclient.utils import deserialize_bytes_tensor, triton_to_np_dtype
 
-        self._server_error = InferenceServerException
         self._parse_response = aio.InferenceServerClient.parse_response_body
-        if self._client is None:
-            self._client = aio.InferenceServerClient(
-                self.url, conn_limit=self._conn_limit, conn_timeout=BACKSTOP_S, ssl=self.ssl
+        self._np_dtype = triton_to_np_dtype
+        self._deserialize_bytes = deserialize_bytes_tensor
+        if self._session is None:
+            connector = aiohttp.TCPConnector(
+                limit=self._conn_limit,
+                ssl=tls_context(self._tls) if self.ssl else False,
+                keepalive_timeout=CLIENT_KEEPALIVE_S,
             )
-        if self._pool is None:
-            host, _, port = self.url.rpartition(":")
-            if not host.isascii():  # an internationalised name goes on the wire as its ASCII (IDNA) form
-                try:
-                    self._host_header = f"{host.encode('idna').decode('ascii')}:{port}"
-                except UnicodeError:
-                    self._host_header = f"{quote(host)}:{port}"
-            context = ssl_module.create_default_context() if self.ssl else None
-            self._pool = ConnectionPool(host.strip("[]"), int(port), ssl=context, idle_limit=self._conn_limit)
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                # Identity: aiohttp asks for gzip by default, and Triton then compresses every reply (a 16 MiB
+                # output took 13x longer to its headers). Nothing is decompressed, so nothing unbounded either.
+                auto_decompress=False,
+                headers={"User-Agent": f"probe/{__version__}", "Accept-Encoding": "identity"},
+                timeout=aiohttp.ClientTimeout(total=BACKSTOP_S),
+            )
 
     async def close(self) -> None:
-        if self._pool is not None:
-            pool, self._pool = self._pool, None
-            pool.close()
-        if self._client is not None:
-            client, self._client = self._client, None
-            await client.close()
+        if self._session is not None:
+            session, self._session = self._session, None
+            await session.close()
 
     async def __aenter__(self) -> TritonClient:
         await self.open()
@@ -153,45 +180,151 @@ class TritonClient:
         await self.close()
 
     @property
-    def _c(self) -> Any:
-        if self._client is None:
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
             raise RuntimeError("TritonClient used before open()")
-        return self._client
+        return self._session
 
-    async def _call(self, what: str, coro: Any) -> Any:
+    # ---------------------------------------------------------------------------------------------- the wire
+
+    def _failure(self, what: str, e: BaseException) -> TritonUnreachable:
+        if isinstance(e, aiohttp.ClientConnectorCertificateError):
+            return TritonUnreachable(
+                f"{what}: TLS certificate of Triton at {self.url} not trusted ({one_line(e.certificate_error)}); "
+                "set triton.tls.ca_file, or triton.tls.verify: false"
+            )
+        if isinstance(e, aiohttp.ClientConnectorSSLError | aiohttp.ClientSSLError):
+            return TritonUnreachable(f"{what}: TLS handshake with Triton at {self.url} failed: {one_line(e)}")
+        if isinstance(e, aiohttp.ClientConnectorError):  # its own text says "ssl:default" even for plain HTTP
+            cause = e.os_error.strerror or one_line(e.os_error)
+            return TritonUnreachable(f"{what}: cannot connect to Triton at {self.url}: {cause}")
+        if isinstance(e, TimeoutError):
+            return TritonUnreachable(f"{what}: Triton at {self.url} did not answer")
+        if isinstance(e, aiohttp.ClientPayloadError):
+            return TritonUnreachable(f"{what}: malformed reply from {self.url}: reply cut short")
+        if isinstance(e, aiohttp.ClientResponseError | ValueError):  # a reply that is not HTTP, or not Triton's
+            return TritonUnreachable(f"{what}: malformed reply from {self.url}: {one_line(e)}")
+        return TritonUnreachable(f"{what}: {one_line(e)}")  # Server disconnected, connection reset
+
+    async def _read(self, resp: aiohttp.ClientResponse, cap: int, what: str) -> bytearray:
+        """The whole body, refused as soon as it would pass `cap` bytes; never decompressed."""
+        encoding = resp.headers.get("Content-Encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):
+            raise TritonUnreachable(
+                f"{what}: malformed reply from {self.url}: Content-Encoding {encoding[:40]!r}, which probe did not "
+                "ask for"
+            )
+        declared = resp.content_length
+        if declared is not None and declared > cap:
+            raise ReplyTooLarge(f"{what}: reply too large ({declared} bytes > limit {cap})")
+        if declared is not None:  # Triton's usual answer: one buffer of the declared size, one copy per byte
+            buf = bytearray(declared)
+            view = memoryview(buf)
+            got = 0
+            while got < declared:
+                chunk = await resp.content.readany()
+                if not chunk:
+                    raise TritonUnreachable(f"{what}: malformed reply from {self.url}: reply cut short")
+                end = got + len(chunk)
+                if end > declared:
+                    raise TritonUnreachable(f"{what}: malformed reply from {self.url}: body beyond Content-Length")
+                view[got:end] = chunk
+                got = end
+            return buf
+        buf = bytearray()
+        while chunk := await resp.content.readany():
+            buf += chunk
+            if len(buf) > cap:
+                raise ReplyTooLarge(f"{what}: reply too large (over limit {cap} bytes)")
+        return buf
+
+    async def _exchange(
+        self,
+        method: str,
+        url: str,
+        what: str,
+        *,
+        cap: int,
+        body: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> tuple[int, Mapping[str, str], bytearray]:
+        """One request and its bounded reply. A POST whose reused connection was closed before any reply byte is
+        sent once more (an inference has no side effects; aiohttp already retries GETs so)."""
+        session = self.session
+        lost: BaseException | None = None
+        for attempt in (1, 2):
+            try:
+                resp = await session.request(method, url, data=body, headers=headers)
+            except aiohttp.ServerDisconnectedError as e:
+                if attempt == 1 and method == "POST":
+                    lost = e
+                    continue
+                raise self._failure(what, e) from None
+            except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as e:
+                if lost is not None:  # the retry could not even connect: the lost request is what went wrong
+                    raise self._failure(what, lost) from None
+                raise self._failure(what, e) from None
+            try:
+                data = await self._read(resp, cap, what)
+            except TritonUnreachable:
+                resp.close()  # stop reading: the rest of a refused reply is never pulled off the socket
+                raise
+            except (aiohttp.ClientError, OSError, TimeoutError) as e:
+                resp.close()
+                raise self._failure(what, e) from None
+            except BaseException:  # cancelled at the deadline: abort, never hand a half-read connection back
+                resp.close()
+                raise
+            resp.release()
+            return resp.status, resp.headers, data
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _json(self, path: str, what: str) -> Any:
+        """GET a JSON endpoint; a non-200 is Triton's error, quoted."""
         try:
-            return await coro
-        except self._server_error as e:
-            raise TritonRequestError(f"{what}: {_reason(e)}") from None
-        except TimeoutError:  # before OSError, its base class
-            raise TritonUnreachable(f"{what}: Triton at {self.url} did not answer") from None
-        except MalformedReply as e:
-            raise TritonUnreachable(f"{what}: malformed reply from {self.url}: {_reason(e)}") from None
-        except (aiohttp.ClientConnectionError, OSError) as e:  # refused, reset, unresolvable, TLS
-            raise TritonUnreachable(f"{what}: cannot connect to Triton at {self.url}: {_reason(e)}") from None
-        except (aiohttp.ClientError, ValueError, KeyError, TypeError) as e:
-            # A reply that is not Triton's (a proxy error page, malformed JSON): treat as unreachable. ValueError
-            # covers every JSON decoder's error (tritonclient parses with rapidjson) and UnicodeDecodeError.
-            raise TritonUnreachable(f"{what}: malformed reply from {self.url}: {_reason(e)}") from None
+            status, _, data = await self._exchange("GET", self._base + path, what, cap=JSON_CAP)
+        except TritonUnreachable:
+            self.failures += 1
+            raise
+        if status != 200:
+            self.failures += 1
+            raise TritonRequestError(f"{what}: {_error_text(status, data)}")
+        try:
+            return json.loads(data) if data else {}
+        except ValueError as e:
+            self.failures += 1
+            raise TritonUnreachable(f"{what}: malformed reply from {self.url}: {one_line(e)}") from None
+
+    async def _status(self, path: str, what: str) -> bool:
+        """GET a health endpoint: 200 is True, any other status False."""
+        try:
+            status, _, _ = await self._exchange("GET", self._base + path, what, cap=JSON_CAP)
+        except TritonUnreachable:
+            self.failures += 1
+            raise
+        return status == 200
+
+    # ---------------------------------------------------------------------------------------------- the calls
 
     async def live(self) -> bool:
-        return bool(await self._call("server live", self._c.is_server_live()))
+        return await self._status("/v2/health/live", "server live")
 
     async def ready(self) -> bool:
-        return bool(await self._call("server ready", self._c.is_server_ready()))
+        return await self._status("/v2/health/ready", "server ready")
 
     async def server_metadata(self) -> dict[str, Any]:
-        meta = await self._call("server metadata", self._c.get_server_metadata())
+        meta = await self._json("/v2", "server metadata")
         if not isinstance(meta, dict):
             raise TritonUnreachable(f"server metadata: malformed reply from {self.url}")
         return meta
 
     async def model_ready(self, model: str, version: str = "") -> bool:
-        return bool(await self._call(f"model {model} ready", self._c.is_model_ready(model, version)))
+        return await self._status(_model_path(model, version) + "/ready", f"model {model} ready")
 
     async def model_info(self, model: str, version: str = "") -> ModelInfo:
-        meta = await self._call(f"model {model} metadata", self._c.get_model_metadata(model, version))
-        cfg = await self._call(f"model {model} config", self._c.get_model_config(model, version))
+        path = _model_path(model, version)
+        meta = await self._json(path, f"model {model} metadata")
+        cfg = await self._json(path + "/config", f"model {model} config")
         try:
 
             def tensors(items: Any) -> tuple[TensorMeta, ...]:
@@ -200,6 +333,7 @@ class TritonClient:
                     for t in items or ()
                 )
 
+            policy = cfg.get("model_transaction_policy") or {}
             return ModelInfo(
                 name=str(meta.get("name", model)),
                 versions=tuple(str(v) for v in meta.get("versions", ())),
@@ -207,13 +341,26 @@ class TritonClient:
                 backend=str(cfg.get("backend") or ""),
                 inputs=tensors(meta.get("inputs")),
                 outputs=tensors(meta.get("outputs")),
+                decoupled=bool(policy.get("decoupled", False)) if isinstance(policy, dict) else False,
             )
         except (AttributeError, KeyError, TypeError, ValueError) as e:
-            raise TritonUnreachable(f"model {model} metadata: malformed reply: {_reason(e)}") from None
+            raise TritonUnreachable(f"model {model} metadata: malformed reply: {one_line(e)}") from None
 
     async def statistics(self, model: str, version: str = "") -> dict[str, Any]:
-        stats = await self._call(f"model {model} statistics", self._c.get_inference_statistics(model, version))
+        stats = await self._json(_model_path(model, version) + "/stats", f"model {model} statistics")
         return stats if isinstance(stats, dict) else {}
+
+    async def metrics_page(self, url: str) -> str:
+        """Triton's Prometheus text page (its metrics port), bounded by METRICS_CAP."""
+        status, _, data = await self._exchange("GET", url, "Triton metrics", cap=METRICS_CAP)
+        if status != 200:
+            raise TritonRequestError(f"Triton metrics: {url} answered {status}")
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise TritonUnreachable(f"Triton metrics: malformed reply from {url}: {one_line(e)}") from None
+
+    # ---------------------------------------------------------------------------------------------- canaries
 
     def _request(
         self, canary: CanaryConfig, inputs: dict[str, np.ndarray[Any, Any]], outputs: tuple[str, ...] | None
@@ -233,67 +380,88 @@ class TritonClient:
             req_inputs.append(inp)
         req_outputs = [http.InferRequestedOutput(o, binary_data=True) for o in outputs] if outputs else None
         body, json_size = aio.InferenceServerClient.generate_request_body(req_inputs, outputs=req_outputs)
-        data = body if isinstance(body, bytes) else body.encode()
-        path = f"/v2/models/{quote(canary.model)}" + (f"/versions/{quote(canary.version)}" if canary.version else "")
-        head = [
-            f"POST {path}/infer HTTP/1.1",
-            f"Host: {self._host_header}",
-            f"User-Agent: probe/{__version__}",
-            # A few KB of output: asking Triton to compress it would cost both sides CPU for nothing.
-            "Accept-Encoding: identity",
-            "Content-Type: application/octet-stream",
-            f"Content-Length: {len(data)}",
-        ]
+        headers = {"Content-Type": "application/octet-stream"}
         if json_size is not None:
-            head.append(f"Inference-Header-Content-Length: {json_size}")
-        message = ("\r\n".join(head) + "\r\n\r\n").encode("ascii") + data
-        request = _Request(inputs, outputs, message)
+            headers["Inference-Header-Content-Length"] = str(json_size)
+        data = body if isinstance(body, bytes) else body.encode()
+        request = _Request(inputs, outputs, _model_path(canary.model, canary.version) + "/infer", data, headers)
         self._requests[canary.name] = request
         return request
 
-    async def _post_infer(self, req: _Request) -> Any:
-        """POST a generated request; decode the answer, or raise what `InferenceServerClient.infer` raises."""
-        if self._pool is None:
-            raise RuntimeError("TritonClient used before open()")
-        async with asyncio.timeout(BACKSTOP_S):
-            reply = await self._pool.request(req.message)
-        data = reply.body
-        if reply.status != 200:
-            text = data.decode("utf-8", errors="replace")
-            try:
-                message = str(json.loads(text)["error"]) if text else "client received an empty response"
-            except (ValueError, KeyError, TypeError) as e:
-                message = f"an exception occurred in the client while decoding the response: {e}"
-            raise self._server_error(msg=message, status=str(reply.status))
-        try:
-            return self._parse_response(
-                data,
-                header_length=reply.headers.get("inference-header-content-length"),
-                content_encoding=reply.headers.get("content-encoding"),
-            )
-        except (ValueError, TypeError, KeyError, IndexError, AttributeError, EOFError, OSError, zlib.error) as e:
-            # Not Triton's answer: JSON that does not parse or is not an object, a body that does not decompress
-            # (gzip raises EOFError and OSError, deflate zlib.error). Reasons read as tritonclient's own errors.
-            raise MalformedReply(str(e) or type(e).__name__) from None
-
     async def infer(
-        self, canary: CanaryConfig, inputs: dict[str, np.ndarray[Any, Any]], outputs: tuple[str, ...] | None
+        self,
+        canary: CanaryConfig,
+        inputs: dict[str, np.ndarray[Any, Any]],
+        outputs: tuple[str, ...] | None,
+        *,
+        max_reply: int,
     ) -> InferOutcome:
-        """One inference of the canary's fixed inputs; outputs=None asks for every output."""
+        """One inference of the canary's fixed inputs; outputs=None asks for every output.
+
+        A reply over `max_reply` bytes fails as `reply too large` without being read on."""
+        what = f"canary {canary.name} inference"
         req = self._request(canary, inputs, outputs)
         start = time.perf_counter()
-        result = await self._call(f"canary {canary.name} inference", self._post_infer(req))
-        latency = time.perf_counter() - start
-        got: dict[str, tuple[str, np.ndarray[Any, Any]]] = {}
         try:
-            for out in result.get_response().get("outputs", []):
-                arr = result.as_numpy(out["name"])
-                if arr is None:
-                    continue
-                got[str(out["name"])] = (str(out["datatype"]), np.asarray(arr))
-        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
-            raise TritonUnreachable(f"canary {canary.name} inference: malformed reply: {_reason(e)}") from None
+            status, headers, body = await self._exchange(
+                "POST", self._base + req.path, what, cap=max_reply, body=req.body, headers=req.headers
+            )
+            latency = time.perf_counter() - start
+            if status != 200:
+                raise TritonRequestError(f"{what}: {_error_text(status, body)}")
+            got = self._decode(what, headers, body)
+        except BaseException:  # cancellation included: readiness is no longer vouched for
+            self.failures += 1
+            raise
         return InferOutcome(outputs=got, latency_s=latency)
+
+    def _decode(
+        self, what: str, headers: Mapping[str, str], body: bytearray
+    ) -> dict[str, tuple[str, np.ndarray[Any, Any]]]:
+        """The outputs of an inference reply: the JSON header through tritonclient, binary tensors as views."""
+        raw_length = headers.get("Inference-Header-Content-Length")
+        try:
+            header_length = len(body) if raw_length is None else int(raw_length)
+            if not 0 <= header_length <= len(body):
+                raise ValueError(f"Inference-Header-Content-Length {raw_length[:20] if raw_length else ''!r}")
+            if header_length > JSON_CAP:
+                raise ReplyTooLarge(f"{what}: reply too large (JSON header of {header_length} bytes)")
+            response = self._parse_response(bytes(body[:header_length])).get_response()
+            view = memoryview(body)[header_length:]
+            got: dict[str, tuple[str, np.ndarray[Any, Any]]] = {}
+            offset = 0
+            for out in response.get("outputs", []):
+                name, datatype = str(out["name"]), str(out["datatype"])
+                shape = [int(d) for d in out["shape"]]
+                size = (out.get("parameters") or {}).get("binary_data_size")
+                if size is None:
+                    arr = np.array(out["data"], dtype=self._np_dtype(datatype))
+                else:
+                    part = view[offset : offset + int(size)]
+                    if len(part) != int(size):
+                        raise ValueError(f"output {name}: {size} bytes announced, {len(part)} sent")
+                    offset += int(size)
+                    if datatype == "BYTES":
+                        arr = self._deserialize_bytes(bytes(part))
+                    else:
+                        arr = np.frombuffer(part, dtype=self._np_dtype(datatype))
+                got[name] = (datatype, arr.reshape(shape))
+            return got
+        except ReplyTooLarge:
+            raise
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
+            # Not Triton's answer: JSON that does not parse or is not an object, sizes that do not add up.
+            raise TritonUnreachable(f"{what}: malformed reply from {self.url}: {one_line(e)}") from None
+
+
+def _error_text(status: int, data: bytes | bytearray) -> str:
+    """Triton's error message from a non-200 answer, as `[status] message`."""
+    text = bytes(data[:4096]).decode("utf-8", errors="replace")
+    try:
+        message = str(json.loads(text)["error"]) if text else "empty answer"
+    except (ValueError, KeyError, TypeError):
+        message = text.strip() or "empty answer"
+    return f"[{status}] {one_line(message)}"
 
 
 def input_mismatches(canary: CanaryConfig, info: ModelInfo) -> list[str]:

@@ -17,8 +17,10 @@ from prometheus_client import CollectorRegistry
 
 from demo.launcher import REPO, free_port, wait_for
 from probe.checks.lifecycle import Lifecycle, PingCheck, ShutdownCheck
+from probe.liveness import Liveness
 from probe.metrics import Metrics
-from probe.runner import Liveness, Runner
+from probe.runner import Runner
+from probe.sidecar import observe_runs
 
 __all__ = ["REPO", "free_port", "wait_for"]
 
@@ -142,30 +144,8 @@ class Wired:
 
 def wired(checks: list[Any], *, timeout: float = 0.5) -> Wired:
     lifecycle = Lifecycle()
-    runner = Runner([*checks, ShutdownCheck(lifecycle), PingCheck()], timeout=timeout, min_interval=0)
+    runner = Runner(checks, [ShutdownCheck(lifecycle), PingCheck()], timeout=timeout, min_interval=0)
     liveness = Liveness(after=0, startup=600)
-    runner.add_listener(liveness.observe)
     metrics = Metrics(CollectorRegistry())
-    runner.add_listener(metrics.observe_run)
+    observe_runs(runner, liveness, metrics, None)
     return Wired(runner, lifecycle, liveness, metrics)
-
-
-class MemoryTransport(asyncio.Transport):
-    """A transport that keeps what is written and how it was closed, for feeding a protocol by hand."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.written = bytearray()
-        self.state = "open"
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        self.written += data
-
-    def is_closing(self) -> bool:
-        return self.state != "open"
-
-    def close(self) -> None:
-        self.state = "closed"
-
-    def abort(self) -> None:
-        self.state = "aborted"

@@ -4,26 +4,36 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 
-import pytest
-
-from probe.checks.base import CheckResult, failed, passed
-from probe.runner import Liveness, Run, Runner
+from probe.checks.base import CheckResult, Kind, failed, passed
+from probe.checks.lifecycle import Lifecycle, ShutdownCheck
+from probe.liveness import Liveness
+from probe.runner import Runner
 from tests.helpers import async_wait_for
 
 
-class HangingCheck:
+class FakeCheck:
+    """One result named `name`; `timed_out` reports a restart-worthy timeout, as a canary does."""
+
+    def __init__(self, name: str, timeout: float | None = None) -> None:
+        self.name = name
+        self.names = (name,)
+        self.timeout = timeout
+
+    def timed_out(self, after: float) -> Sequence[CheckResult]:
+        return [failed(self.name, Kind.CANARY, f"timed out after {after:.2f}s", restart_worthy=True)]
+
+
+class HangingCheck(FakeCheck):
     """A check whose call never returns (a hung Triton): it must be cut at its deadline and cancelled."""
 
-    derived = False
-
     def __init__(self, name: str = "canary/hang", timeout: float | None = None) -> None:
-        self.name = name
-        self.timeout = timeout
+        super().__init__(name, timeout)
         self.calls = 0
         self.cancelled = 0
 
-    async def run(self) -> CheckResult:
+    async def run(self) -> Sequence[CheckResult]:
         self.calls += 1
         try:
             await asyncio.Event().wait()
@@ -33,33 +43,40 @@ class HangingCheck:
         raise AssertionError("unreachable")
 
 
-class CountingCheck:
+class CountingCheck(FakeCheck):
     """A healthy check that counts how often it really ran (how many canaries reached Triton)."""
 
-    timeout: float | None = None
-    derived = False
-
     def __init__(self, name: str = "canary/count", delay: float = 0.0) -> None:
-        self.name = name
+        super().__init__(name)
         self.calls = 0
         self.delay = delay
 
-    async def run(self) -> CheckResult:
+    async def run(self) -> Sequence[CheckResult]:
         self.calls += 1
         if self.delay:
             await asyncio.sleep(self.delay)  # simulated inference time, not a wait in the test
-        return passed(self.name)
+        return [passed(self.name, Kind.CANARY)]
 
 
-class BuggyCheck:
+class BuggyCheck(FakeCheck):
     """A check with a bug: the runner turns the exception into a failed result instead of crashing."""
 
-    name = "buggy"
-    timeout: float | None = None
-    derived = False
+    def __init__(self) -> None:
+        super().__init__("buggy")
 
-    async def run(self) -> CheckResult:
+    async def run(self) -> Sequence[CheckResult]:
         raise ZeroDivisionError("oops")
+
+
+class ThreeResultCheck(FakeCheck):
+    """A canary-like check reporting three results from one run."""
+
+    def __init__(self) -> None:
+        super().__init__("canary/x")
+        self.names = ("model/x", "canary/x", "latency/x")
+
+    async def run(self) -> Sequence[CheckResult]:
+        return [passed("model/x", Kind.MODEL), passed("canary/x", Kind.CANARY), passed("latency/x", Kind.LATENCY)]
 
 
 class FakeClock:
@@ -137,12 +154,11 @@ async def test_a_bug_in_a_check_is_a_failed_result() -> None:
     assert run.results["buggy"].reason == "internal error: ZeroDivisionError: oops"
 
 
-async def test_history_is_bounded() -> None:
-    runner = Runner([CountingCheck()], timeout=0.5, min_interval=0, history=5)
-    for _ in range(12):
-        await runner.run_once()
-    assert len(runner.history) == 5
-    assert runner.history[-1].sequence == 12
+async def test_one_check_reports_several_results_in_order() -> None:
+    run = await Runner([ThreeResultCheck(), CountingCheck()], timeout=0.5).run_once()
+    assert list(run.results) == ["model/x", "canary/x", "latency/x", "canary/count"]
+    only = await Runner([ThreeResultCheck(), CountingCheck()], timeout=0.5).run_once(names=["latency/x"])
+    assert list(only.results) == ["latency/x"]
 
 
 async def test_background_loop_runs_and_stops() -> None:
@@ -161,68 +177,84 @@ async def test_background_loop_runs_and_stops() -> None:
     assert count.calls == calls
 
 
-def _run(clock: FakeClock, *results: CheckResult) -> Run:
-    return Run(started=clock.now, wall=time.time(), duration=0.0, results={r.name: r for r in results})
+def _results(*results: CheckResult) -> dict[str, CheckResult]:
+    return {r.name: r for r in results}
+
+
+def ok(name: str, kind: Kind) -> CheckResult:
+    return passed(name, kind)
 
 
 def test_liveness_waits_after_seconds_of_restart_worthy_failure() -> None:
     clock = FakeClock()
     live = Liveness(after=60, startup=600, clock=clock)
-    live.observe(_run(clock, passed("triton"), passed("canary/a")))
-    hung = failed("canary/a", "timed out after 0.70s", restart_worthy=True)
-    live.observe(_run(clock, passed("triton"), hung))
-    assert live.verdict({"canary/a": hung})["canary/a"].ok
+    live.observe(_results(ok("triton", Kind.SERVER), ok("canary/a", Kind.CANARY)), clock.now)
+    hung = failed("canary/a", Kind.CANARY, "timed out after 0.70s", restart_worthy=True)
+    live.observe(_results(ok("triton", Kind.SERVER), hung), clock.now)
+    assert live.verdict({"canary/a": hung}).ok
     clock.now += 59
-    live.observe(_run(clock, passed("triton"), hung))
-    assert live.verdict({"canary/a": hung})["canary/a"].ok
+    live.observe(_results(ok("triton", Kind.SERVER), hung), clock.now)
+    assert live.verdict({"canary/a": hung}).ok
     clock.now += 2
-    v = live.verdict({"canary/a": hung})["canary/a"]
-    assert not v.ok and v.reason.startswith("failing for 61s (liveness.after 60s): timed out")
+    v = live.verdict({"canary/a": hung})
+    assert not v.ok
+    assert v.checks["canary/a"].reason.startswith("failing for 61s (liveness.after 60s): timed out")
     # one good canary resets the clock
-    live.observe(_run(clock, passed("canary/a")))
-    assert live.verdict({"canary/a": passed("canary/a")})["canary/a"].ok
+    live.observe(_results(ok("canary/a", Kind.CANARY)), clock.now)
+    assert live.verdict({"canary/a": ok("canary/a", Kind.CANARY)}).ok
 
 
 def test_liveness_ignores_mismatch_loading_and_drift() -> None:
     clock = FakeClock()
     live = Liveness(after=1, startup=600, clock=clock)
-    live.observe(_run(clock, passed("canary/a")))
+    live.observe(_results(ok("canary/a", Kind.CANARY)), clock.now)
     bad = [
-        failed("canary/a", "output y digest ... != golden ..."),
-        failed("model/a", "model m is not ready"),
-        failed("latency/a", "median ... > 3 x baseline"),
+        failed("canary/a", Kind.CANARY, "output y digest ... != golden ..."),
+        failed("model/a", Kind.MODEL, "model m is not ready"),
+        failed("latency/a", Kind.LATENCY, "median ... > 3 x baseline"),
     ]
     for _ in range(3):
-        live.observe(_run(clock, *bad))
+        live.observe(_results(*bad), clock.now)
         clock.now += 10
-    assert all(r.ok for r in live.verdict({r.name: r for r in bad}).values())
+    verdict = live.verdict(_results(*bad))
+    assert verdict.ok and all(r.ok for r in verdict.checks.values())
+    assert verdict.checks["model/a"].reason == "ok (not restart-worthy: model m is not ready)"
 
 
 def test_liveness_not_before_first_canary_unless_startup_budget_passes() -> None:
     clock = FakeClock()
     live = Liveness(after=1, startup=100, clock=clock)
-    down = failed("triton", "cannot connect", restart_worthy=True)
-    live.observe(_run(clock, down))
+    down = failed("triton", Kind.SERVER, "cannot connect", restart_worthy=True)
+    live.observe(_results(down), clock.now)
     clock.now += 50
-    assert live.verdict({"triton": down})["triton"].ok, "never fail before the first good canary"
+    assert live.verdict({"triton": down}).ok, "never fail before the first good canary"
     clock.now += 51
-    v = live.verdict({"triton": down})["triton"]
-    assert not v.ok and v.reason.startswith("Triton not healthy within 100s of start")
+    v = live.verdict({"triton": down})
+    assert not v.ok and v.checks["triton"].reason.startswith("Triton not healthy within 100s of start")
+
+
+def test_liveness_arms_by_kind_not_by_name() -> None:
+    """A check is a canary by its kind: a server check named like a canary does not arm liveness."""
+    clock = FakeClock()
+    live = Liveness(after=0, startup=600, clock=clock)
+    live.observe(_results(ok("canary/not-really", Kind.SERVER)), clock.now)
+    assert not live.armed
+    live.observe(_results(ok("weird", Kind.CANARY)), clock.now)
+    assert live.armed
 
 
 def test_shutdown_never_fails_liveness() -> None:
     clock = FakeClock()
     live = Liveness(after=0, startup=0, clock=clock)
-    assert "shutdown" not in live.verdict({"shutdown": failed("shutdown", "draining")})
+    verdict = live.verdict({"shutdown": failed("shutdown", Kind.SHUTDOWN, "draining")})
+    assert verdict.ok and "shutdown" not in verdict.checks
 
 
-@pytest.mark.parametrize("interval", [0.0])
-async def test_instant_checks_are_evaluated_every_time(interval: float) -> None:
-    from probe.checks.lifecycle import Lifecycle, ShutdownCheck
-
+async def test_instant_checks_are_evaluated_every_time() -> None:
     lc = Lifecycle()
-    runner = Runner([CountingCheck(), ShutdownCheck(lc)], timeout=0.5, min_interval=60, interval=interval)
-    assert (await runner.snapshot())["shutdown"].ok
+    runner = Runner([CountingCheck()], [ShutdownCheck(lc)], timeout=0.5, min_interval=60)
+    run = await runner.results()
+    assert runner.current(run)["shutdown"].ok
     lc.begin_shutdown("SIGTERM")
-    snap = await runner.snapshot()
+    snap = runner.current(await runner.results())
     assert not snap["shutdown"].ok and "SIGTERM" in snap["shutdown"].reason

@@ -7,23 +7,34 @@ from typing import Any
 
 import pytest
 
-from probe.checks.base import CheckResult, failed, passed
-from probe.server import Health, make_app
+from collections.abc import AsyncIterator, Sequence
+
+import aiohttp
+
+from probe.checks.base import CheckResult, Kind, failed, passed
+from probe.server import Health, serve
 from tests.helpers import wired
+
+KINDS = {"triton": Kind.SERVER, "canary/resnet": Kind.CANARY, "gpu": Kind.GPU}
 
 
 class FixedCheck:
-    """A check that returns whatever the test put in `result`."""
+    """A check that returns whatever the test put in `result`, and counts its runs."""
 
     timeout: float | None = None
-    derived = False
 
     def __init__(self, name: str, result: CheckResult | None = None) -> None:
         self.name = name
-        self.result = result or passed(name)
+        self.names = (name,)
+        self.result = result or passed(name, KINDS[name])
+        self.calls = 0
 
-    async def run(self) -> CheckResult:
-        return self.result
+    async def run(self) -> Sequence[CheckResult]:
+        self.calls += 1
+        return [self.result]
+
+    def timed_out(self, after: float) -> Sequence[CheckResult]:
+        return [failed(self.name, KINDS[self.name], "timed out", restart_worthy=True)]
 
 
 @pytest.fixture
@@ -43,10 +54,36 @@ def parts() -> dict[str, Any]:
     }
 
 
+class Client:
+    """An aiohttp client session bound to a real listening sidecar on 127.0.0.1."""
+
+    def __init__(self, session: aiohttp.ClientSession, base: str) -> None:
+        self.session = session
+        self.base = base
+
+    def get(self, path: str, **kw: Any) -> Any:
+        return self.session.get(self.base + path, **kw)
+
+    def head(self, path: str, **kw: Any) -> Any:
+        return self.session.head(self.base + path, **kw)
+
+    def post(self, path: str, **kw: Any) -> Any:
+        return self.session.post(self.base + path, **kw)
+
+    def put(self, path: str, **kw: Any) -> Any:
+        return self.session.put(self.base + path, **kw)
+
+    def delete(self, path: str, **kw: Any) -> Any:
+        return self.session.delete(self.base + path, **kw)
+
+
 @pytest.fixture
-async def client(aiohttp_client: Any, parts: dict[str, Any]) -> Any:
+async def client(parts: dict[str, Any]) -> AsyncIterator[Client]:
     health = Health(parts["runner"], parts["liveness"], timeout=0.5)
-    return await aiohttp_client(make_app(health, metrics=parts["metrics"].expose))
+    serving = await serve(health, "127.0.0.1", 0, metrics=parts["metrics"].expose, max_connections=64)
+    async with aiohttp.ClientSession() as session:
+        yield Client(session, f"http://127.0.0.1:{serving.port}")
+    await serving.close()
 
 
 async def test_ready_ok(client: Any) -> None:
@@ -55,7 +92,7 @@ async def test_ready_ok(client: Any) -> None:
 
 
 async def test_verbose_withholds_reasons(client: Any, parts: dict[str, Any]) -> None:
-    parts["checks"]["gpu"].result = failed("gpu", "GPU-1 free 1.0GiB < min_free 2.0GiB")
+    parts["checks"]["gpu"].result = failed("gpu", Kind.GPU, "GPU-1 free 1.0GiB < min_free 2.0GiB")
     resp = await client.get("/ready?verbose")
     assert resp.status == 503
     assert (await resp.text()).splitlines() == [
@@ -69,8 +106,8 @@ async def test_verbose_withholds_reasons(client: Any, parts: dict[str, Any]) -> 
 
 
 async def test_exclude_is_repeatable(client: Any, parts: dict[str, Any]) -> None:
-    parts["checks"]["gpu"].result = failed("gpu", "low")
-    parts["checks"]["canary/resnet"].result = failed("canary/resnet", "mismatch")
+    parts["checks"]["gpu"].result = failed("gpu", Kind.GPU, "low")
+    parts["checks"]["canary/resnet"].result = failed("canary/resnet", Kind.CANARY, "mismatch")
     assert (await client.get("/ready?exclude=gpu")).status == 503
     resp = await client.get("/ready?exclude=gpu&exclude=canary/resnet&verbose")
     assert resp.status == 200
@@ -81,7 +118,7 @@ async def test_exclude_is_repeatable(client: Any, parts: dict[str, Any]) -> None
 
 
 async def test_per_check_path_gives_full_reason(client: Any, parts: dict[str, Any]) -> None:
-    parts["checks"]["canary/resnet"].result = failed("canary/resnet", "output y digest a != golden b")
+    parts["checks"]["canary/resnet"].result = failed("canary/resnet", Kind.CANARY, "output y digest a != golden b")
     resp = await client.get("/ready/canary/resnet")
     assert resp.status == 503
     assert await resp.text() == "canary/resnet failed: output y digest a != golden b\n"
@@ -91,7 +128,7 @@ async def test_per_check_path_gives_full_reason(client: Any, parts: dict[str, An
 
 
 async def test_json_is_health_json(client: Any, parts: dict[str, Any]) -> None:
-    parts["checks"]["gpu"].result = failed("gpu", "low", observed_value=1.5e9, observed_unit="bytes")
+    parts["checks"]["gpu"].result = failed("gpu", Kind.GPU, "low", observed_value=1.5e9, observed_unit="bytes")
     resp = await client.get("/ready", headers={"Accept": "application/json"})
     assert resp.status == 503
     assert resp.headers["Content-Type"].startswith("application/health+json")
@@ -103,18 +140,18 @@ async def test_json_is_health_json(client: Any, parts: dict[str, Any]) -> None:
 
 
 async def test_live_ignores_mismatch_and_ping_needs_no_run(client: Any, parts: dict[str, Any]) -> None:
-    parts["checks"]["canary/resnet"].result = failed("canary/resnet", "mismatch")
+    parts["checks"]["canary/resnet"].result = failed("canary/resnet", Kind.CANARY, "mismatch")
     resp = await client.get("/live?verbose")
     assert resp.status == 200 and (await resp.text()).endswith("live check passed\n")
-    runs = parts["runner"].runs_total
+    runs = parts["checks"]["triton"].calls
     resp = await client.get("/live/ping")
     assert resp.status == 200 and await resp.text() == "ok\n"
-    assert parts["runner"].runs_total == runs
+    assert parts["checks"]["triton"].calls == runs
 
 
 async def test_live_fails_on_sustained_restart_worthy_failure(client: Any, parts: dict[str, Any]) -> None:
     await client.get("/ready")  # a first good canary arms liveness
-    parts["checks"]["triton"].result = failed("triton", "cannot connect", restart_worthy=True)
+    parts["checks"]["triton"].result = failed("triton", Kind.SERVER, "cannot connect", restart_worthy=True)
     resp = await client.get("/live")
     assert resp.status == 503 and await resp.text() == "live check failed"
     resp = await client.get("/live/triton")

@@ -16,6 +16,7 @@ import pytest
 from probe.checks.triton import READY_EVERY_S, TritonCheck
 from probe.config import load_config
 from probe.sidecar import Sidecar, build_sidecar
+from probe.verdict import readiness
 from tests.conftest import TritonServer
 from tests.helpers import DEMO_CANARY, run_cli, write_config
 
@@ -58,13 +59,13 @@ async def test_healthy_runs_send_only_the_inference(tmp_path: Path, healthy_trit
         sent = count_calls(sidecar)
         for _ in range(10):
             run = await sidecar.runner.run_once()
-            assert run.ok, {n: r.reason for n, r in run.results.items() if not r.ok}
+            assert readiness(run.results).ok, {n: r.reason for n, r in run.results.items() if not r.ok}
         # Readiness once, to vouch for the canaries that follow; the model's metadata once, to validate inputs.
         assert sent == Counter(infer=10, ready=1, model_info=1), sent
 
         clock.now += READY_EVERY_S  # the vouching expires: readiness is asked again, once
         for _ in range(3):
-            assert (await sidecar.runner.run_once()).ok
+            assert readiness((await sidecar.runner.run_once()).results).ok
         assert sent["ready"] == 2 and sent["infer"] == 13, sent
 
         healthy_triton.fault("demo_classifier", "fail")
@@ -73,9 +74,9 @@ async def test_healthy_runs_send_only_the_inference(tmp_path: Path, healthy_trit
         assert sent["model_ready"] == 1, sent  # a failed inference asks why: is the model still ready?
         healthy_triton.fault("demo_classifier", "ok")
         # The failed canary no longer vouches for Triton: the next run asks readiness again, at once.
-        assert (await sidecar.runner.run_once()).ok
+        assert readiness((await sidecar.runner.run_once()).results).ok
         assert sent["ready"] == 3, sent
-        assert (await sidecar.runner.run_once()).ok
+        assert readiness((await sidecar.runner.run_once()).results).ok
         assert sent["ready"] == 3 and sent["live"] == 0, sent
     finally:
         await sidecar.stop()

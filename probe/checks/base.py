@@ -1,37 +1,51 @@
 """What every check is and returns.
 
-A check is a small object with a `name` and an async `run()` returning a `CheckResult`. An expected failure
-(Triton down, a wrong output, too little GPU memory) is a result with a reason, never an exception; the
-runner owns deadlines, timing and caching, so a check never sleeps, loops or sets its own alarm.
+A check is a small object that the runner calls under a deadline. It declares in its type everything the runner
+reads: the names of the results it produces (a canary produces `model/`, `canary/` and `latency/` from one run),
+its own deadline, and what its results are when the runner cuts it off at that deadline. An expected failure
+(Triton down, a wrong output, too little GPU memory) is a result with a reason, never an exception; the runner owns
+deadlines, timing and caching, so a check never sleeps, loops or sets its own alarm.
 
-A check may also have a synchronous `now()` that returns its result when it can be had without waiting (a
-read of what is already in memory), or None when `run()` must wait. The runner calls it first, which spares
-such checks a task, a timer and a coroutine on every run.
+Instant checks (`shutdown`, `ping`) read the sidecar's own state: they are evaluated on every request, never run
+or cached by the runner.
 """
 
 from __future__ import annotations
 
+import enum
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol
 
 PASS = "pass"
 FAIL = "fail"
 
 
-@dataclass(slots=True)
-class CheckResult:
-    """The verdict of one check at one moment. Never changed once built: make a changed copy instead.
+class Kind(enum.Enum):
+    """What a result is about, in the operator's words: liveness and metrics tell results apart by this."""
 
-    Not `frozen=True`: a frozen dataclass costs four times as much to build, and several are built on every
-    run of every probe.
+    SERVER = "server"
+    """`triton`: the server is live and ready."""
+    MODEL = "model"
+    CANARY = "canary"
+    LATENCY = "latency"
+    GPU = "gpu"
+    SHUTDOWN = "shutdown"
+    PING = "ping"
+
+
+@dataclass(frozen=True, slots=True)
+class CheckResult:
+    """The verdict of one check at one moment.
 
     `restart_worthy` marks failures a restart of Triton could cure (unreachable, hung or erroring inference,
-    GPU headroom exhausted); only those count toward liveness. `details` carries data other parts use
-    (latency seconds, max errors, GPU samples) without parsing the reason.
+    GPU headroom exhausted); only those count toward liveness. `details` carries data other parts read (latency
+    seconds, max errors, GPU samples) without parsing the reason.
     """
 
     name: str
+    kind: Kind
     status: str
     reason: str = "ok"
     observed_value: float | None = None
@@ -45,37 +59,42 @@ class CheckResult:
     def ok(self) -> bool:
         return self.status == PASS
 
-    def with_timing(self, started_wall: float, duration: float) -> CheckResult:
-        # A direct constructor call: dataclasses.replace costs several times more, on every check of every run.
-        return CheckResult(
-            self.name,
-            self.status,
-            self.reason,
-            self.observed_value,
-            self.observed_unit,
-            self.restart_worthy,
-            started_wall,
-            duration,
-            self.details,
-        )
+
+def passed(name: str, kind: Kind, reason: str = "ok", **kw: Any) -> CheckResult:
+    return CheckResult(name=name, kind=kind, status=PASS, reason=reason, **kw)
 
 
-def passed(name: str, reason: str = "ok", **kw: Any) -> CheckResult:
-    return CheckResult(name=name, status=PASS, reason=reason, **kw)
+def failed(name: str, kind: Kind, reason: str, **kw: Any) -> CheckResult:
+    return CheckResult(name=name, kind=kind, status=FAIL, reason=reason, **kw)
 
 
-def failed(name: str, reason: str, **kw: Any) -> CheckResult:
-    return CheckResult(name=name, status=FAIL, reason=reason, **kw)
-
-
-@runtime_checkable
 class Check(Protocol):
-    """A named health check. `timeout` (seconds) is the check's own deadline, None = the probe's."""
+    """A check the runner schedules: run under `timeout` (None = the probe's budget), cancelled at it."""
 
     @property
-    def name(self) -> str: ...
+    def names(self) -> tuple[str, ...]:
+        """The names of the results `run()` returns, in order."""
+        ...
 
     @property
     def timeout(self) -> float | None: ...
 
-    async def run(self) -> CheckResult: ...
+    async def run(self) -> Sequence[CheckResult]:
+        """One result per name in `names`."""
+        ...
+
+    def timed_out(self, after: float) -> Sequence[CheckResult]:
+        """The results to report when the runner cancelled `run()` after `after` seconds (one per name).
+
+        The runner then holds the check back (the hang backoff) before sending it again, so a stuck or
+        saturated server is not fed a growing backlog; meanwhile these results stand."""
+        ...
+
+
+class InstantCheck(Protocol):
+    """A check of the sidecar's own state, read on every request (never cached, never waits)."""
+
+    @property
+    def name(self) -> str: ...
+
+    def now(self) -> CheckResult: ...

@@ -1,30 +1,33 @@
-"""`canary/<canary>`: a fixed-input inference whose output must match the recorded golden file.
+"""One canary: a fixed-input inference whose output must match the recorded golden file.
 
-The runner bounds the inference with the canary's deadline and cancels it when the deadline passes, so a hang
-becomes a fast, explained failure here. A slow but correct canary passes this check (latency is judged by
-`latency/<canary>`); a mismatch fails it but is never restart-worthy (restarting will not fix a wrong model).
+One object, one run, three results: `model/<canary>` (is the model ready), `canary/<canary>` (did the inference
+complete in time and match the golden) and `latency/<canary>` (is it as fast as when recorded). A healthy run is
+one inference: a canary Triton answered proves its model ready, so Triton is asked about the model only when the
+inference did not tell.
+
+The runner bounds the run with the canary's deadline and cancels it when the deadline passes, so a hang becomes a
+fast, explained failure (`timed_out`). A slow but correct canary passes `canary/` (latency is `latency/`'s to
+judge); a mismatch fails it but is never restart-worthy: restarting will not fix a wrong model.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import statistics
 import time
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from probe.checks.base import CheckResult, failed, passed
+from probe.checks.base import CheckResult, Kind, failed, passed
+from probe.checks.latency import LatencyTracker, judge_latency
 from probe.config import CanaryConfig
 from probe.environment import EnvironmentProbe
-from probe.golden import Golden, GoldenError, check_golden_for, compare_outputs, load_golden
-from probe.tensors import InputError, build_inputs, input_digest
-from probe.triton import TritonClient, TritonRequestError, TritonUnreachable, input_mismatches
+from probe.golden import Golden, GoldenError, check_golden_for, compare_outputs, explain_mismatch, load_golden
+from probe.tensors import NUMPY_DTYPES, InputError, build_inputs, input_digest
+from probe.triton import JSON_CAP, TritonClient, TritonRequestError, TritonUnreachable, input_mismatches
 
 
 class GoldenStore:
@@ -72,75 +75,65 @@ def _stamp(path: Path) -> tuple[int, int, int, int]:
     return (st.st_ino, st.st_ctime_ns, st.st_mtime_ns, st.st_size)
 
 
-@dataclass
-class LatencyTracker:
-    """Recent canary latencies (seconds) shared by the canary check (writer) and the latency check (reader)."""
-
-    window: int
-    samples: deque[float]
-    last: float | None = None
-    last_at: float = 0.0
-    startup_baseline: float | None = None
-    _startup: list[float] | None = None
-
-    @classmethod
-    def create(cls, window: int) -> LatencyTracker:
-        return cls(window=window, samples=deque(maxlen=window), _startup=[])
-
-    def add(self, latency_s: float) -> None:
-        self.samples.append(latency_s)
-        self.last = latency_s
-        self.last_at = time.monotonic()
-        if self._startup is not None:
-            self._startup.append(latency_s)
-            if len(self._startup) >= self.window:
-                self.startup_baseline = statistics.median(self._startup)
-                self._startup = None
-
-    def median(self) -> float | None:
-        return statistics.median(self.samples) if self.samples else None
+def reply_cap(golden: Golden, fallback: int) -> int:
+    """The most bytes a canary's reply may take: twice what its golden records hold, plus room for the JSON
+    header; `fallback` (triton.max_reply) when a record has a BYTES output, whose size the golden cannot tell."""
+    expected = 0
+    for rec in golden.records:
+        size = 0
+        for out in rec.outputs.values():
+            if out.datatype == "BYTES":
+                return fallback
+            size += math.prod(out.shape) * NUMPY_DTYPES[out.datatype].itemsize
+        expected = max(expected, size)
+    return 2 * expected + JSON_CAP
 
 
 class CanaryCheck:
-    """Runs the canary and compares its outputs with the golden file.
+    """Runs the canary; judges its model's readiness, its output against the golden file, and its latency.
 
-    Fails when: the golden file is missing, corrupt or recorded for other inputs; the inputs do not fit the
-    model; the model is not ready; Triton refuses or errors on the inference (restart-worthy); the output
-    differs from every golden record (names, datatype, shape, digest or tolerance).
+    `canary/` fails when: the golden file is missing, corrupt or recorded for other inputs; the inputs do not fit
+    the model; the model is not ready; Triton refuses or errors on the inference (restart-worthy); the reply is
+    malformed or too large (restart-worthy); the output differs from every golden record (names, datatype, shape,
+    digest or tolerance); the inference did not finish by the deadline (restart-worthy). `model/` fails while the
+    model is loading, unloaded or failed to load, never restart-worthy.
     """
-
-    timeout: float | None
-    derived = False
 
     def __init__(
         self,
         client: TritonClient,
         canary: CanaryConfig,
         golden: GoldenStore,
-        tracker: LatencyTracker,
         environment: EnvironmentProbe,
         *,
         probe_timeout: float,
+        max_reply: int,
     ) -> None:
         self._client = client
         self.canary = canary
         self.golden = golden
-        self.tracker = tracker
+        self.tracker = LatencyTracker(canary.latency.window)
         self._environment = environment
-        self.name = f"canary/{canary.name}"
+        self._max_reply = max_reply
+        self.model_name = f"model/{canary.name}"
+        self.canary_name = f"canary/{canary.name}"
+        self.latency_name = f"latency/{canary.name}"
+        self.names = (self.model_name, self.canary_name, self.latency_name)
         self.timeout = canary.deadline(probe_timeout)
         self._inputs: dict[str, np.ndarray[Any, Any]] | None = None
         self._input_digest = ""
         self._input_error: str | None = None
         self._validated = False
-        # What this run learnt about the model's readiness, for model/<canary>: True once Triton answered the
-        # inference, False when it said the model is not ready, None when the run learnt nothing.
-        self.model_ready_seen: bool | None = None
-        self.finished = True  # False only while a run is in flight, or after the runner cancelled one
-        # Whether the last *completed* run's inference got outputs back from Triton. Unlike model_ready_seen it
-        # keeps its value while the next run is in flight, so `triton`, running beside that run, can rely on it.
-        self.answered = False
-        self._answered_now = False
+        self._model_last: CheckResult | None = None
+
+    def _label(self) -> str:
+        c = self.canary
+        return f"model {c.model}" + (f" version {c.version}" if c.version else "")
+
+    def _not_ready(self) -> CheckResult:
+        return failed(
+            self.model_name, Kind.MODEL, f"{self._label()} is not ready (loading, unloaded or failed to load)"
+        )
 
     def _load_inputs(self) -> None:
         if self._inputs is None and self._input_error is None:
@@ -150,66 +143,90 @@ class CanaryCheck:
             except InputError as e:
                 self._input_error = f"canary input error: {e}"
 
-    async def run(self) -> CheckResult:
-        self.model_ready_seen = None
-        self.finished = False
-        self._answered_now = False
+    def _golden_baseline(self) -> tuple[float, str] | None:
         try:
-            result = await self._run()
-        except BaseException:  # cancelled by the runner's deadline: nothing was answered
-            self.answered = False
-            raise
-        self.finished = True
-        self.answered = self._answered_now
-        return result
+            rec = self.golden.get().records[-1]
+        except GoldenError:
+            return None
+        return rec.latency.median_ms, f"golden, recorded {rec.recorded_at}"
 
-    async def _run(self) -> CheckResult:
+    def _latency(self) -> CheckResult:
+        return judge_latency(self.latency_name, self.canary.latency, self.tracker, self._golden_baseline())
+
+    async def run(self) -> tuple[CheckResult, CheckResult, CheckResult]:
+        model, canary = await self._run()
+        if model is None:  # the run learnt nothing about the model: ask
+            model = await self._ask_model()
+        self._model_last = model
+        return model, canary, self._latency()
+
+    def timed_out(self, after: float) -> tuple[CheckResult, CheckResult, CheckResult]:
+        canary = failed(self.canary_name, Kind.CANARY, f"timed out after {after:.2f}s", restart_worthy=True)
+        note = "not re-asked: the canary did not finish"
+        last = self._model_last
+        if last is None:
+            model = passed(self.model_name, Kind.MODEL, f"ok ({note})")
+        else:
+            model = CheckResult(last.name, last.kind, last.status, f"{last.reason.split(' (not re-asked')[0]} ({note})")
+        return model, canary, self._latency()
+
+    async def _ask_model(self) -> CheckResult:
         c = self.canary
+        try:
+            if await self._client.model_ready(c.model, c.version):
+                return passed(self.model_name, Kind.MODEL)
+        except (TritonUnreachable, TritonRequestError) as e:
+            return failed(self.model_name, Kind.MODEL, str(e))
+        return self._not_ready()
+
+    async def _run(self) -> tuple[CheckResult | None, CheckResult]:
+        """(model verdict, or None when the run did not tell; canary verdict)."""
+        c = self.canary
+        name = self.canary_name
         self._load_inputs()
         if self._input_error is not None:
-            return failed(self.name, self._input_error)
+            return None, failed(name, Kind.CANARY, self._input_error)
         assert self._inputs is not None
         try:
             golden = self.golden.get()
             check_golden_for(golden, c.name, self._input_digest, c.compare.mode, self.golden.path)
         except GoldenError as e:
-            return failed(self.name, str(e))
+            return None, failed(name, Kind.CANARY, str(e))
         try:
             if not self._validated:
                 info = await self._client.model_info(c.model, c.version)
+                if info.decoupled:
+                    reason = (
+                        f"model {c.model} is decoupled (it streams its answers), and Triton answers /infer on such "
+                        "a model with 501: use protocol: generate_stream for this canary"
+                    )
+                    return passed(self.model_name, Kind.MODEL), failed(name, Kind.CANARY, reason)
                 problems = input_mismatches(c, info)
                 if problems:
-                    return failed(self.name, "canary does not fit the model: " + "; ".join(problems))
+                    return None, failed(name, Kind.CANARY, "canary does not fit the model: " + "; ".join(problems))
                 self._validated = True
             outputs = c.outputs or tuple(golden.records[0].outputs)
-            outcome = await self._client.infer(c, self._inputs, outputs)
+            cap = reply_cap(golden, self._max_reply)
+            outcome = await self._client.infer(c, self._inputs, outputs, max_reply=cap)
         except TritonUnreachable as e:
-            return failed(self.name, str(e), restart_worthy=True)
+            return failed(self.model_name, Kind.MODEL, str(e)), failed(name, Kind.CANARY, str(e), restart_worthy=True)
         except TritonRequestError as e:
             self._validated = False  # the model may have been replaced; re-check its metadata next time
-            return await self._request_failed(e)
-        self.model_ready_seen = self._answered_now = True
+            model = await self._ask_model()
+            if not model.ok:
+                return model, failed(name, Kind.CANARY, f"{self._label()} is not ready: {e}")
+            return model, failed(name, Kind.CANARY, str(e), restart_worthy=True)
+        model = passed(self.model_name, Kind.MODEL)
         self.tracker.add(outcome.latency_s)
         cmp = compare_outputs(golden, outcome.outputs, c.compare)
-        if not cmp.ok:
-            # Only a mismatch pays for the fingerprint: the reason names where each record came from.
-            env = await self._environment.fingerprint_or_none(c.model, c.version)
-            cmp = compare_outputs(golden, outcome.outputs, c.compare, env)
         latency_ms = round(outcome.latency_s * 1000.0, 3)
         details: dict[str, Any] = {"latency_s": outcome.latency_s, "max_abs_error": cmp.max_abs_error}
-        if not cmp.ok:
-            details["mismatch"] = True
-            return failed(self.name, cmp.reason, observed_value=latency_ms, observed_unit="ms", details=details)
-        return passed(self.name, cmp.reason, observed_value=latency_ms, observed_unit="ms", details=details)
-
-    async def _request_failed(self, e: TritonRequestError) -> CheckResult:
-        c = self.canary
-        try:
-            ready = await self._client.model_ready(c.model, c.version)
-        except (TritonUnreachable, TritonRequestError):
-            ready = True  # cannot tell; report the inference error as it is
-        else:
-            self.model_ready_seen = ready
-        if not ready:
-            return failed(self.name, f"model {c.model} is not ready: {e}")
-        return failed(self.name, str(e), restart_worthy=True)
+        if cmp.ok:
+            return model, passed(
+                name, Kind.CANARY, cmp.reason, observed_value=latency_ms, observed_unit="ms", details=details
+            )
+        # Only a mismatch pays for the fingerprint: the reason names where each record came from.
+        env = await self._environment.fingerprint_or_none(c.model, c.version)
+        details["mismatch"] = True
+        reason = explain_mismatch(golden, cmp, env)
+        return model, failed(name, Kind.CANARY, reason, observed_value=latency_ms, observed_unit="ms", details=details)

@@ -10,9 +10,9 @@ import time
 from dataclasses import asdict
 from typing import Any
 
-from probe.checks.base import CheckResult, failed, passed
+from probe.checks.base import CheckResult, Kind, failed, passed
 from probe.config import GpuConfig, format_bytes
-from probe.gpu import Clock, GpuMemory, GpuSample, GpuSource
+from probe.gpu import Clock, GpuMemory, GpuSample, GpuSampler
 
 
 class GpuCheck:
@@ -24,33 +24,38 @@ class GpuCheck:
     headroom failure is restart-worthy: restarting Triton frees its memory, but cannot fix a driver.
     """
 
+    names = ("gpu",)
     name = "gpu"
     timeout: float | None = None  # reading a sample never blocks; the probe's deadline is plenty
 
-    def __init__(self, source: GpuSource, cfg: GpuConfig, *, clock: Clock = time.monotonic) -> None:
+    def __init__(self, source: GpuSampler, cfg: GpuConfig, *, clock: Clock = time.monotonic) -> None:
         self._source = source
         self._cfg = cfg
         self._clock = clock
 
-    async def run(self) -> CheckResult:
-        return self.now()
+    async def run(self) -> tuple[CheckResult]:
+        return (self.now(),)
+
+    def timed_out(self, after: float) -> tuple[CheckResult]:  # pragma: no cover - reading a sample never waits
+        return (failed(self.name, Kind.GPU, f"reading the GPU sample took over {after:.2f}s"),)
 
     def now(self) -> CheckResult:
         """Reads the sampler's latest sample: never waits (the sampler's thread or task does the waiting)."""
         sample = self._source.latest()
         if sample is None:
-            return failed(self.name, "no GPU sample yet")
+            return failed(self.name, Kind.GPU, "no GPU sample yet")
         age = self._clock() - sample.taken_at
         limit = self._cfg.stale_limit
         if age > limit:
             return failed(
                 self.name,
+                Kind.GPU,
                 f"GPU sample is {age:.1f}s old (limit {limit:.1f}s): NVML call hung or sampler stopped",
             )
         if sample.error is not None:
-            return failed(self.name, sample.error)
+            return failed(self.name, Kind.GPU, sample.error)
         if not sample.devices:
-            return failed(self.name, "no GPU selected")
+            return failed(self.name, Kind.GPU, "no GPU selected")
         return self._judge(sample, age)
 
     def _judge(self, sample: GpuSample, age: float) -> CheckResult:
@@ -71,11 +76,11 @@ class GpuCheck:
         suffix = _trend_suffix(trend, several=len(sample.devices) > 1)
         if short:
             reason = "; ".join(f"{_label(d)} free {format_bytes(d.free)} < {self._threshold(d)}" for d in short)
-            return failed(self.name, reason + suffix, restart_worthy=True, **common)
+            return failed(self.name, Kind.GPU, reason + suffix, restart_worthy=True, **common)
         head = f"{tightest.gpu} free {format_bytes(tightest.free)} of {format_bytes(tightest.total)}"
         if len(sample.devices) > 1:
             head = f"{len(sample.devices)} GPUs, least free {head}"
-        return passed(self.name, f"ok: {head}{suffix}", **common)
+        return passed(self.name, Kind.GPU, f"ok: {head}{suffix}", **common)
 
     def _threshold(self, d: GpuMemory) -> str:
         limit = self._cfg.min_free.threshold(d.total)

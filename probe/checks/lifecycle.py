@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from probe.checks.base import CheckResult, failed, passed
+from probe.checks.base import CheckResult, Kind, failed, passed
 
 
 class Lifecycle:
@@ -18,36 +18,26 @@ class Lifecycle:
 
 
 class ShutdownCheck:
-    """Fails once the sidecar received SIGTERM or SIGINT: the pod is going away, stop sending traffic."""
+    """Fails once the sidecar received SIGTERM or SIGINT: the pod is going away, stop sending traffic.
+
+    Never fails liveness: draining must not restart the container."""
 
     name = "shutdown"
-    timeout: float | None = None
-    derived = False
-    instant = True
 
     def __init__(self, lifecycle: Lifecycle) -> None:
         self._lifecycle = lifecycle
 
-    def passing(self) -> bool:
-        """The verdict alone, without building a result (read on every cached probe)."""
-        return not self._lifecycle.shutting_down
-
-    async def run(self) -> CheckResult:
+    def now(self) -> CheckResult:
         if self._lifecycle.shutting_down:
-            return failed(self.name, f"shutting down ({self._lifecycle.signal_name or 'signal'} received): draining")
-        return passed(self.name)
+            reason = f"shutting down ({self._lifecycle.signal_name or 'signal'} received): draining"
+            return failed(self.name, Kind.SHUTDOWN, reason)
+        return passed(self.name, Kind.SHUTDOWN)
 
 
 class PingCheck:
     """Always passes: answering at all is the sidecar's own liveness (`/live/ping`)."""
 
     name = "ping"
-    timeout: float | None = None
-    derived = False
-    instant = True
 
-    def passing(self) -> bool:
-        return True
-
-    async def run(self) -> CheckResult:
-        return passed(self.name)
+    def now(self) -> CheckResult:
+        return passed(self.name, Kind.PING)

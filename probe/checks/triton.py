@@ -3,68 +3,65 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
-from probe.checks.base import CheckResult, failed, passed
-from probe.checks.canary import CanaryCheck
+from probe.checks.base import CheckResult, Kind, failed, passed
 from probe.triton import TritonClient, TritonRequestError, TritonUnreachable
 
 # While canaries keep getting answers, Triton's own readiness is re-asked at most this often: a canary that
-# Triton answered already proves it live and serving, and one less request per run is what keeps a fresh
-# /ready close to the cost of a bare inference.
+# Triton answered already proves it live and serving, so the healthy path is one inference per run.
 READY_EVERY_S = 5.0
 
 
 class TritonCheck:
     """Fails when Triton is unreachable or not live (restart-worthy), or live but not ready (not restart-worthy).
 
-    Ready implies live, so asking costs one request; liveness is asked only to explain "not ready". When the
-    previous run's canaries were all answered by Triton and readiness was confirmed less than READY_EVERY_S
-    ago, no request is sent at all. A failing canary makes the next run ask again.
+    Ready implies live, so asking costs one request; liveness is asked only to explain "not ready". With
+    `vouch` (canaries configured), readiness confirmed less than READY_EVERY_S ago stands without a request as long
+    as no call to Triton has failed since: the client records every failure, a timed-out canary included.
     """
 
-    name = "triton"
+    names = ("triton",)
     timeout: float | None = None
-    derived = False
 
     def __init__(
         self,
         client: TritonClient,
-        canaries: Sequence[CanaryCheck] = (),
         *,
+        vouch: bool,
         ready_every: float = READY_EVERY_S,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._client = client
-        self._canaries = list(canaries)
+        self._vouch = vouch
         self._ready_every = ready_every
         self._clock = clock
         self._confirmed_at: float | None = None
+        self._failures_then = 0
 
     def _vouched(self) -> bool:
-        """The canaries' last completed runs were answered and readiness was confirmed recently.
-
-        Reads `answered`, not `finished`: this run's canaries start first and are still in flight here."""
-        if not self._canaries or self._confirmed_at is None:
+        at = self._confirmed_at
+        if not self._vouch or at is None:
             return False
-        if self._clock() - self._confirmed_at >= self._ready_every:
-            return False
-        return all(c.answered for c in self._canaries)
+        return self._clock() - at < self._ready_every and self._client.failures == self._failures_then
 
-    def now(self) -> CheckResult | None:
-        """Passed without a request while the canaries vouch for Triton; None when it must be asked."""
-        return passed(self.name) if self._vouched() else None
-
-    async def run(self) -> CheckResult:
+    async def run(self) -> tuple[CheckResult]:
         if self._vouched():
-            return passed(self.name)
+            return (passed("triton", Kind.SERVER),)
         self._confirmed_at = None
         try:
+            failures = self._client.failures
             if await self._client.ready():
-                self._confirmed_at = self._clock()
-                return passed(self.name)
+                self._confirmed_at, self._failures_then = self._clock(), failures
+                return (passed("triton", Kind.SERVER),)
             if not await self._client.live():
-                return failed(self.name, f"Triton at {self._client.url} is not live", restart_worthy=True)
+                return (
+                    failed("triton", Kind.SERVER, f"Triton at {self._client.url} is not live", restart_worthy=True),
+                )
         except (TritonUnreachable, TritonRequestError) as e:
-            return failed(self.name, str(e), restart_worthy=True)
-        return failed(self.name, f"Triton at {self._client.url} is live but not ready")
+            return (failed("triton", Kind.SERVER, str(e), restart_worthy=True),)
+        return (failed("triton", Kind.SERVER, f"Triton at {self._client.url} is live but not ready"),)
+
+    def timed_out(self, after: float) -> tuple[CheckResult]:
+        reason = f"Triton at {self._client.url} did not answer within {after:.2f}s"
+        return (failed("triton", Kind.SERVER, reason, restart_worthy=True),)
