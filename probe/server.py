@@ -159,7 +159,9 @@ def make_handler(health: Health, *, metrics: Metrics | None = None) -> Callable[
 
     async def handle(request: web.BaseRequest) -> web.StreamResponse:
         path = request.path
-        known = path in ("/ready", "/live", "/metrics") or path.startswith(("/ready/", "/live/"))
+        known = path in ("/ready", "/live", "/metrics") or (
+            path.startswith(("/ready/", "/live/")) and path not in ("/ready/", "/live/")
+        )
         if not known or (path == "/metrics" and metrics is None):
             return _text(404, "not found\n")
         if request.method not in ("GET", "HEAD"):
@@ -306,9 +308,7 @@ async def serve(
         logger=logger,
         keepalive_timeout=head_deadline,
         access_log=None,
-        max_line_size=4096,
-        max_field_size=4096,
-        max_headers=64,
+        lingering_time=1.0,  # a request body is never read: drain at most this long before closing
     )
     runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=1.0)
     await runner.setup()

@@ -145,7 +145,7 @@ def build_sidecar(
     lifecycle = Lifecycle()
     if visible_devices is None:
         visible_devices = os.environ.get("NVIDIA_VISIBLE_DEVICES")
-    page = MetricsPage(client, derived_metrics_url(cfg))
+    page = MetricsPage(client, derived_metrics_url(cfg), timeout=min(cfg.gpu.interval, 2.0))
     gpu: GpuSampler | None = None
     nvml_reader = None
     if cfg.gpu.source != "none":

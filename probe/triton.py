@@ -354,7 +354,7 @@ class TritonClient:
         """Triton's Prometheus text page (its metrics port), bounded by METRICS_CAP."""
         status, _, data = await self._exchange("GET", url, "Triton metrics", cap=METRICS_CAP)
         if status != 200:
-            raise TritonRequestError(f"Triton metrics: {url} answered {status}")
+            raise TritonRequestError(f"HTTP {status}")
         try:
             return data.decode("utf-8")
         except UnicodeDecodeError as e:

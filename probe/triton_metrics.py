@@ -51,7 +51,9 @@ class MetricsPage:
             page = Page(self._clock(), text)
         except TimeoutError:
             page = Page(self._clock(), None, f"Triton metrics {self.url}: no answer within {self._timeout:g}s")
-        except (TritonUnreachable, TritonRequestError) as e:
+        except TritonRequestError as e:
+            page = Page(self._clock(), None, f"Triton metrics {self.url}: {e}")
+        except TritonUnreachable as e:
             page = Page(self._clock(), None, f"cannot read Triton metrics {self.url}: {e}")
         self._last = page
         return page

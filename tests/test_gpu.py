@@ -16,14 +16,15 @@ from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-import aiohttp
 import pytest
 from aiohttp import web
 
 from probe.checks.base import CheckResult
 from probe.checks.gpu import GpuCheck
 from probe.config import GpuConfig, MinFree
-from probe.gpu import NO_GPU_METRICS, GpuMemory, GpuSample, NvmlSampler, TritonMetricsSampler, nvml_environment
+from probe.gpu import GpuMemory, GpuSample, NvmlSampler, nvml_environment
+from probe.triton import TritonClient
+from probe.triton_metrics import NO_GPU_METRICS, MetricsPage, TritonMetricsSampler
 from tests import helpers
 from tests.nvml_fakes import (
     H100,
@@ -66,7 +67,7 @@ def current(sampler: NvmlSampler | TritonMetricsSampler) -> GpuSample:
 
 def verdict(check: GpuCheck) -> CheckResult:
     """Run the async check from a sync test (it only reads the latest sample, so this is instant)."""
-    return asyncio.run(check.run())
+    return check.now()
 
 
 def gpu_cfg(**kw: Any) -> GpuConfig:
@@ -562,17 +563,17 @@ class FrozenSample:
 
 
 async def test_check_before_the_first_sample_fails() -> None:
-    result = await GpuCheck(NeverSampled(), gpu_cfg()).run()
+    result = GpuCheck(NeverSampled(), gpu_cfg()).now()
     assert not result.ok and result.reason == "no GPU sample yet" and not result.restart_worthy
 
 
 async def test_check_on_an_old_sample_fails_as_stale() -> None:
     sample = GpuSample(100.0, (GpuMemory("GPU-1234", H100, H100_TOTAL, H100_TOTAL, 0),))
     cfg = gpu_cfg(interval=2.0)  # stale limit max(3 x 2, 5) = 6 s
-    result = await GpuCheck(FrozenSample(sample), cfg, clock=lambda: 107.2).run()
+    result = GpuCheck(FrozenSample(sample), cfg, clock=lambda: 107.2).now()
     assert result.reason == "GPU sample is 7.2s old (limit 6.0s): NVML call hung or sampler stopped"
     assert not result.restart_worthy
-    assert (await GpuCheck(FrozenSample(sample), cfg, clock=lambda: 105.9).run()).ok
+    assert (GpuCheck(FrozenSample(sample), cfg, clock=lambda: 105.9).now()).ok
 
 
 async def test_check_names_every_gpu_short_of_headroom() -> None:
@@ -584,7 +585,7 @@ async def test_check_names_every_gpu_short_of_headroom() -> None:
             GpuMemory("GPU-c", "", H100_TOTAL, 512 * 1024**2, H100_TOTAL - 512 * 1024**2),
         ),
     )
-    result = await GpuCheck(FrozenSample(sample), gpu_cfg(), clock=lambda: 0.0).run()
+    result = GpuCheck(FrozenSample(sample), gpu_cfg(), clock=lambda: 0.0).now()
     assert result.reason == (f"GPU-a ({H100}) free 1.0GiB < min_free 2.0GiB; GPU-c free 512.0MiB < min_free 2.0GiB")
     assert result.observed_value == 512 * 1024**2
 
@@ -597,7 +598,7 @@ async def test_check_pass_with_several_gpus_names_the_tightest() -> None:
             GpuMemory("GPU-b", H100, H100_TOTAL, 60 * GiB, 20 * GiB),
         ),
     )
-    result = await GpuCheck(FrozenSample(sample), gpu_cfg(), clock=lambda: 0.0).run()
+    result = GpuCheck(FrozenSample(sample), gpu_cfg(), clock=lambda: 0.0).now()
     assert result.reason == "ok: 2 GPUs, least free GPU-b free 60.0GiB of 80.0GiB"
 
 
@@ -644,12 +645,34 @@ class FakeTritonMetrics:
 ServerFactory = Callable[[web.Application], Awaitable[Any]]
 
 
+class Session:
+    """A TritonClient opened for a test (its session carries every fetch of Triton's metrics page)."""
+
+    def __init__(self) -> None:
+        self.client = TritonClient("127.0.0.1:1")
+
+    async def __aenter__(self) -> Session:
+        await self.client.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.client.close()
+
+    async def close(self) -> None:
+        await self.client.close()
+
+    def sampler(self, cfg: GpuConfig, url: str, visible: str | None = None) -> TritonMetricsSampler:
+        page = MetricsPage(self.client, url, timeout=min(cfg.interval, 2.0))
+        return TritonMetricsSampler(cfg, page, visible_devices=visible)
+
+
 async def run_triton_sampler(
     url: str, cfg: GpuConfig, visible: str | None = None
-) -> tuple[TritonMetricsSampler, aiohttp.ClientSession]:
-    session = aiohttp.ClientSession()
-    sampler = TritonMetricsSampler(cfg, url, visible_devices=visible)
-    await sampler.start(session)
+) -> tuple[TritonMetricsSampler, Session]:
+    session = Session()
+    await session.client.open()
+    sampler = session.sampler(cfg, url, visible)
+    await sampler.start_sampling()
     return sampler, session
 
 
@@ -664,16 +687,16 @@ async def test_triton_metrics_pass_and_below_threshold(aiohttp_server: ServerFac
         assert sample is not None and sample.error is None
         assert sample.devices == (GpuMemory("GPU-aaaa", "", H100_TOTAL, 70 * GiB, 10 * GiB),)
         check = GpuCheck(sampler, cfg)
-        result = await check.run()
+        result = check.now()
         assert result.ok and result.reason.startswith("ok: GPU-aaaa free 70.0GiB of 80.0GiB")
 
         fake.text = triton_metrics({"GPU-aaaa": (H100_TOTAL, H100_TOTAL - GiB)})
         await wait_until(lambda: current(sampler).devices[0].free == GiB, what="the new usage")
-        result = await check.run()
+        result = check.now()
         assert not result.ok and result.restart_worthy
         assert result.reason.startswith("GPU-aaaa free 1.0GiB < min_free 2.0GiB")
     finally:
-        await sampler.stop()
+        await sampler.stop_sampling()
         await session.close()
 
 
@@ -682,15 +705,15 @@ async def test_triton_metrics_honour_selected_uuids(aiohttp_server: ServerFactor
     fake.text = triton_metrics({"GPU-aaaa": (H100_TOTAL, 0), "GPU-bbbb": (H100_TOTAL, H100_TOTAL)})
     server = await aiohttp_server(fake.app())
     url = str(server.make_url("/metrics"))
-    async with aiohttp.ClientSession() as session:
-        by_env = TritonMetricsSampler(gpu_cfg(), url, visible_devices="GPU-aaaa")
-        assert [d.gpu for d in (await by_env.fetch_once(session)).devices] == ["GPU-aaaa"]
-        missing = TritonMetricsSampler(gpu_cfg(devices=("GPU-cccc",)), url)
-        assert (await missing.fetch_once(session)).error == (
+    async with Session() as session:
+        by_env = session.sampler(gpu_cfg(), url, "GPU-aaaa")
+        assert [d.gpu for d in (await by_env.fetch_once()).devices] == ["GPU-aaaa"]
+        missing = session.sampler(gpu_cfg(devices=("GPU-cccc",)), url)
+        assert (await missing.fetch_once()).error == (
             "gpu.devices: GPU-cccc not in Triton's GPU metrics (Triton reports: GPU-aaaa, GPU-bbbb)"
         )
-        by_index = TritonMetricsSampler(gpu_cfg(devices=("0",)), url)
-        error = (await by_index.fetch_once(session)).error
+        by_index = session.sampler(gpu_cfg(devices=("0",)), url)
+        error = (await by_index.fetch_once()).error
         assert error is not None and "labels GPUs by UUID only" in error
 
 
@@ -702,10 +725,10 @@ async def test_cpu_only_triton_says_it_exports_no_gpu_metrics(aiohttp_server: Se
     sampler, session = await run_triton_sampler(str(server.make_url("/metrics")), cfg)
     try:
         await wait_until(sampler.latest, what="the first metrics sample")
-        result = await GpuCheck(sampler, cfg).run()
+        result = GpuCheck(sampler, cfg).now()
         assert not result.ok and result.reason == NO_GPU_METRICS and not result.restart_worthy
     finally:
-        await sampler.stop()
+        await sampler.stop_sampling()
         await session.close()
 
 
@@ -714,8 +737,8 @@ async def test_triton_metrics_http_error_is_reported(aiohttp_server: ServerFacto
     fake.status = 503
     server = await aiohttp_server(fake.app())
     url = str(server.make_url("/metrics"))
-    async with aiohttp.ClientSession() as session:
-        sample = await TritonMetricsSampler(gpu_cfg(), url).fetch_once(session)
+    async with Session() as session:
+        sample = await session.sampler(gpu_cfg(), url).fetch_once()
     assert sample.error == f"Triton metrics {url}: HTTP 503"
 
 
@@ -727,10 +750,10 @@ async def test_triton_metrics_server_down_is_an_error_sample(aiohttp_server: Ser
     sampler, session = await run_triton_sampler(url, cfg)
     try:
         await wait_until(sampler.latest, what="the first metrics sample")
-        result = await GpuCheck(sampler, cfg).run()
+        result = GpuCheck(sampler, cfg).now()
         assert not result.ok and result.reason.startswith(f"cannot read Triton metrics {url}")
     finally:
-        await sampler.stop()
+        await sampler.stop_sampling()
         await session.close()
 
 
@@ -740,9 +763,9 @@ async def test_hung_triton_metrics_fetch_is_bounded(aiohttp_server: ServerFactor
     server = await aiohttp_server(fake.app())
     url = str(server.make_url("/metrics"))
     try:
-        async with aiohttp.ClientSession() as session:
+        async with Session() as session:
             started = time.monotonic()
-            sample = await TritonMetricsSampler(gpu_cfg(interval=0.2), url).fetch_once(session)
+            sample = await session.sampler(gpu_cfg(interval=0.2), url).fetch_once()
             assert time.monotonic() - started < 1.5
         assert sample.error == f"Triton metrics {url}: no answer within 0.2s"
     finally:

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-import pytest
-
-from collections.abc import AsyncIterator, Sequence
-
 import aiohttp
+import pytest
 
 from probe.checks.base import CheckResult, Kind, failed, passed
 from probe.server import Health, serve
