@@ -289,7 +289,12 @@ async def _serve_async(cfg: Config, logger: logging.Logger) -> int:
     await sidecar.start()
     try:
         serving = await serve(
-            sidecar.health, cfg.listen.host, cfg.listen.port, metrics=sidecar.metrics.expose, logger=logger
+            sidecar.health,
+            cfg.listen.host,
+            cfg.listen.port,
+            metrics=sidecar.metrics.expose,
+            reasons=cfg.listen.reasons,
+            logger=logger,
         )
     except BaseException:
         await sidecar.stop()

@@ -99,6 +99,9 @@ class TritonConfig:
 class ListenConfig:
     host: str = "0.0.0.0"
     port: int = 8080
+    reasons: str = "everyone"
+    """Who gets the failure reasons (per-check paths, the JSON view) and the environment labels on /metrics:
+    `everyone`, or `loopback` only (kubectl port-forward and kubectl exec arrive there; the kubelet needs none)."""
 
 
 @dataclass(frozen=True)
@@ -567,8 +570,9 @@ def parse_config(raw: Any, path: Path) -> Config:
         if max_reply < 1024:
             raise ConfigError(f"{ts.where('max_reply')}: must be at least 1KiB, got {max_reply} bytes")
 
-    ls = top.sub("listen", ("host", "port"))
+    ls = top.sub("listen", ("host", "port", "reasons"))
     host = ls.string("host", ListenConfig.host)
+    reasons = ls.string("reasons", ListenConfig.reasons, choices=("everyone", "loopback"))
     port = ls.get("port", ListenConfig.port)
     if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port < 65536:
         raise ConfigError(f"{ls.where('port')}: expected a port number 0-65535, got {port!r}")
@@ -628,7 +632,7 @@ def parse_config(raw: Any, path: Path) -> Config:
     return Config(
         path=path,
         triton=TritonConfig(url=url, ssl=ssl, tls=tls, max_reply=max_reply, metrics_url=metrics_url),
-        listen=ListenConfig(host=host, port=port),
+        listen=ListenConfig(host=host, port=port, reasons=reasons),
         probe=probe,
         liveness=liveness,
         gpu=gpu,

@@ -138,5 +138,10 @@ class Metrics:
             str(env.get("triton") or ""),
         ).set(1)
 
-    def expose(self) -> tuple[bytes, str]:
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+    def expose(self, environment: bool = True) -> tuple[bytes, str]:
+        """The exposition; without `environment`, `probe_environment_info` (GPU, driver, CUDA and Triton versions)
+        is left out."""
+        text = generate_latest(self.registry)
+        if not environment:
+            text = b"".join(line for line in text.splitlines(keepends=True) if b"probe_environment_info" not in line)
+        return text, CONTENT_TYPE_LATEST

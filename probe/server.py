@@ -18,11 +18,13 @@ What the listener guards against, since the pod IP is reachable by anything in t
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
 import resource
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from datetime import UTC, datetime
 from http import HTTPStatus
 from typing import Any
@@ -116,7 +118,25 @@ def _verbose(request: web.BaseRequest) -> bool:
     return values is not None and values[-1].strip().lower() not in _FALSE
 
 
-def _aggregate(kind: str, verdict: Verdict, request: web.BaseRequest) -> web.Response:
+WITHHELD = "reason withheld"
+
+
+def _loopback(request: web.BaseRequest) -> bool:
+    """The peer is this pod itself (kubectl port-forward and kubectl exec arrive on loopback)."""
+    try:
+        addr = ipaddress.ip_address(request.remote or "")
+    except ValueError:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return addr.is_loopback
+
+
+def _shown(r: CheckResult, reveal: bool) -> CheckResult:
+    return r if reveal or r.ok else replace(r, reason=WITHHELD)
+
+
+def _aggregate(kind: str, verdict: Verdict, request: web.BaseRequest, reveal: bool) -> web.Response:
     excluded = request.query.getall("exclude", [])
     shown = {n: r for n, r in verdict.checks.items() if n not in excluded}
     ok = verdict.ok if not excluded else all(r.ok for r in shown.values())
@@ -125,7 +145,7 @@ def _aggregate(kind: str, verdict: Verdict, request: web.BaseRequest) -> web.Res
         body = {
             "status": "pass" if ok else "fail",
             "description": f"{kind} of the Triton server as seen by probe",
-            "checks": {n: [check_json(r)] for n, r in shown.items()},
+            "checks": {n: [check_json(_shown(r, reveal))] for n, r in shown.items()},
         }
         return _text(status, json.dumps(body), content_type=HEALTH_JSON)
     if not _verbose(request):
@@ -139,10 +159,11 @@ def _aggregate(kind: str, verdict: Verdict, request: web.BaseRequest) -> web.Res
     return _text(status, "\n".join(lines) + "\n")
 
 
-def _single(verdict: Verdict, name: str, request: web.BaseRequest) -> web.Response:
+def _single(verdict: Verdict, name: str, request: web.BaseRequest, reveal: bool) -> web.Response:
     r = verdict.checks.get(name)
     if r is None:
         return _text(404, "no such check\n")
+    r = _shown(r, reveal)
     status = 200 if r.ok else 503
     if _wants_json(request):
         body = {"status": r.status, "checks": {name: [check_json(r)]}}
@@ -151,11 +172,16 @@ def _single(verdict: Verdict, name: str, request: web.BaseRequest) -> web.Respon
     return _text(status, text + "\n")
 
 
-Metrics = Callable[[], tuple[bytes, str]]
+Metrics = Callable[[bool], tuple[bytes, str]]
+"""`/metrics`: the exposition and its content type; the flag says whether environment labels may be shown."""
 
 
-def make_handler(health: Health, *, metrics: Metrics | None = None) -> Callable[[web.BaseRequest], Any]:
-    """The one request handler: routes only; everything it needs is passed in (no globals)."""
+def make_handler(
+    health: Health, *, metrics: Metrics | None = None, reasons: str = "everyone"
+) -> Callable[[web.BaseRequest], Any]:
+    """The one request handler: routes only; everything it needs is passed in (no globals). With
+    `reasons="loopback"`, failure reasons and environment labels go to loopback peers only."""
+    everyone = reasons == "everyone"
 
     async def handle(request: web.BaseRequest) -> web.StreamResponse:
         path = request.path
@@ -172,16 +198,17 @@ def make_handler(health: Health, *, metrics: Metrics | None = None) -> Callable[
             return _text(200, "ok\n")
         if path == "/metrics":
             assert metrics is not None
-            body, ctype = metrics()
+            body, ctype = metrics(everyone or _loopback(request))
             resp = web.Response(body=body)
             resp.headers["Content-Type"] = ctype
             resp.headers["Server"] = SERVER
             return resp
         kind, _, name = path[1:].partition("/")
         verdict = await (health.ready() if kind == READY else health.live())
+        reveal = everyone or _loopback(request)
         if name:
-            return _single(verdict, name, request)
-        return _aggregate(kind, verdict, request)
+            return _single(verdict, name, request, reveal)
+        return _aggregate(kind, verdict, request, reveal)
 
     return handle
 
@@ -297,13 +324,14 @@ async def serve(
     port: int,
     *,
     metrics: Metrics | None = None,
+    reasons: str = "everyone",
     max_connections: int | None = None,
     head_deadline: float = HEAD_DEADLINE_S,
     logger: logging.Logger | None = None,
 ) -> Serving:
     """Listen on host:port (port 0: any free one) and answer with `make_handler`."""
     server = ProbeServer(
-        make_handler(health, metrics=metrics),
+        make_handler(health, metrics=metrics, reasons=reasons),
         max_connections=max_connections if max_connections is not None else connection_cap(),
         logger=logger,
         keepalive_timeout=head_deadline,

@@ -204,7 +204,8 @@ class TritonClient:
             return TritonUnreachable(f"{what}: malformed reply from {self.url}: reply cut short")
         if isinstance(e, aiohttp.ClientResponseError | ValueError):  # a reply that is not HTTP, or not Triton's
             return TritonUnreachable(f"{what}: malformed reply from {self.url}: {one_line(e)}")
-        return TritonUnreachable(f"{what}: {one_line(e)}")  # Server disconnected, connection reset
+        # Server disconnected, connection reset
+        return TritonUnreachable(f"{what}: cannot connect to Triton at {self.url}: {one_line(e)}")
 
     async def _read(self, resp: aiohttp.ClientResponse, cap: int, what: str) -> bytearray:
         """The whole body, refused as soon as it would pass `cap` bytes; never decompressed."""

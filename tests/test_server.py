@@ -181,3 +181,51 @@ async def test_metrics_exposes_probe_metrics(client: Any) -> None:
     text = await resp.text()
     assert 'probe_check_success{check="triton"} 1.0' in text
     assert "probe_runs_total 1.0" in text
+
+
+async def test_verbose_false_is_the_plain_answer(client: Any) -> None:
+    resp = await client.get("/ready?verbose=false")
+    assert resp.status == 200 and await resp.text() == "ok"
+    resp = await client.get("/ready?verbose")
+    assert (await resp.text()).endswith("ready check passed\n")
+
+
+async def test_every_answer_names_the_probe_and_sniffs_nothing(client: Any) -> None:
+    for path in ("/ready", "/live/ping", "/nope", "/metrics"):
+        resp = await client.get(path)
+        assert resp.headers["Server"].startswith("probe/"), path
+    resp = await client.post("/ready")
+    assert resp.status == 405 and resp.headers["Server"].startswith("probe/")
+    assert resp.headers["X-Content-Type-Options"] == "nosniff"
+
+
+def _request_from(peer: str, path: str, accept: str = "") -> Any:
+    from unittest import mock
+
+    from aiohttp.test_utils import make_mocked_request
+
+    transport = mock.Mock()
+    transport.get_extra_info.side_effect = lambda key, default=None: (peer, 40000) if key == "peername" else default
+    headers = {"Accept": accept} if accept else {}
+    return make_mocked_request("GET", path, headers=headers, transport=transport)
+
+
+@pytest.mark.parametrize(("peer", "shown"), [("10.1.2.3", False), ("127.0.0.1", True), ("::1", True)])
+async def test_reasons_go_to_loopback_peers_only_when_configured(parts: dict[str, Any], peer: str, shown: bool) -> None:
+    from probe.server import make_handler
+
+    parts["checks"]["gpu"].result = failed("gpu", Kind.GPU, "GPU-1234 (NVIDIA H100) free 1.0GiB < min_free 2.0GiB")
+    parts["metrics"].set_environment({"gpus": ["NVIDIA H100"], "driver": "580.1", "cuda_driver": "13.0"})
+    handle = make_handler(
+        Health(parts["runner"], parts["liveness"], timeout=0.5), metrics=parts["metrics"].expose, reasons="loopback"
+    )
+    one = await handle(_request_from(peer, "/ready/gpu"))
+    assert one.status == 503
+    assert ("H100" in one.text) is shown and ("reason withheld" in one.text) is not shown
+    as_json = await handle(_request_from(peer, "/ready", accept="application/json"))
+    assert ("H100" in as_json.text) is shown
+    scraped = await handle(_request_from(peer, "/metrics"))
+    assert (b"probe_environment_info" in scraped.body) is shown
+    assert b"probe_check_success" in scraped.body
+    everyone = make_handler(Health(parts["runner"], parts["liveness"], timeout=0.5))
+    assert "H100" in (await everyone(_request_from(peer, "/ready/gpu"))).text
