@@ -26,6 +26,13 @@ EXIT_UNREACHABLE = 2
 EXIT_FAILED = 3
 
 
+EXIT_CODES = """exit codes:
+  0  every check passed (validate: config and golden files are valid)
+  1  usage, config or golden-file error: nothing was probed
+  2  Triton unreachable or not live
+  3  at least one check failed"""
+
+
 class UsageError(Exception):
     pass
 
@@ -38,26 +45,65 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="probe", description="Health probe sidecar for NVIDIA Triton Inference Server.")
+    p = _Parser(
+        prog="probe",
+        description="Health probe sidecar for NVIDIA Triton Inference Server.",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--version", action="version", version=f"probe {__version__}")
     sub = p.add_subparsers(dest="command", parser_class=_Parser)
 
     def common(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("-c", "--config", required=True, help="path to probe.yaml")
 
-    sp = sub.add_parser("serve", help="run the sidecar until SIGTERM/SIGINT")
+    def add(name: str, summary: str, description: str, codes: str = EXIT_CODES) -> argparse.ArgumentParser:
+        return sub.add_parser(
+            name,
+            help=summary,
+            description=description,
+            epilog=codes,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+
+    sp = add(
+        "serve",
+        "run the sidecar until SIGTERM/SIGINT",
+        "Answer the kubelet's readiness and liveness probes (/ready, /live, /live/ping), per-check paths and "
+        "/metrics on listen.host:listen.port, running every check at most once per probe.min_interval and in the "
+        "background every probe.interval. From SIGTERM on, /ready fails (the pod drains) for probe.drain seconds.",
+        "exit codes: 0 stopped by a signal; 1 usage or config error, or the port cannot be bound",
+    )
     common(sp)
     sp.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    sp = sub.add_parser("check", help="run every check once and exit")
+    sp = add(
+        "check",
+        "run every check once and exit",
+        "Run every check once against the live Triton (an exec probe, or CI after a rollout) and print one line "
+        "per check: [+]name reason, or [-]name failed: reason.",
+    )
     common(sp)
     sp.add_argument("--json", action="store_true", help="print application/health+json")
     sp.add_argument("--only", metavar="NAME", help="a canary name, or a check name like gpu or canary/x")
-    sp = sub.add_parser("record", help="record golden files from the live server")
+    sp = add(
+        "record",
+        "record golden files from the live server",
+        "Run each canary --runs times and write its golden file (one record per environment fingerprint; an "
+        "existing record for this environment is replaced only with --force). Exact-mode canaries whose outputs "
+        "differ between runs are refused.",
+        "exit codes: 0 recorded; 1 usage, config or golden-file error (nothing written); 2 Triton unreachable or "
+        "not live; 3 recording refused",
+    )
     common(sp)
     sp.add_argument("--only", metavar="NAME", help="record only this canary")
     sp.add_argument("--runs", type=int, default=3, help="inferences per canary (default 3)")
     sp.add_argument("--force", action="store_true", help="replace this environment's record / a stale golden")
-    sp = sub.add_parser("validate", help="check config and golden files offline")
+    sp = add(
+        "validate",
+        "check config and golden files offline",
+        "Check the config file and every canary's golden file without contacting Triton (for CI before a rollout).",
+        "exit codes: 0 config and golden files are valid; 1 they are not (one line per problem)",
+    )
     common(sp)
     return p
 
@@ -83,6 +129,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         _err(f"config error: {e}")
         return EXIT_USAGE
+    if args.command != "serve":
+        # One-shot commands report every problem in their own lines; a sampler's or client's log record would only
+        # say the same thing again, unprefixed, through logging's last-resort handler.
+        quiet = logging.getLogger("probe")
+        quiet.addHandler(logging.NullHandler())
+        quiet.propagate = False
     try:
         if args.command == "validate":
             return _validate(cfg)
