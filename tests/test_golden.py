@@ -14,6 +14,7 @@ import pytest
 
 from probe.config import CompareConfig
 from probe.golden import (
+    Comparison,
     Golden,
     GoldenError,
     LatencyBaseline,
@@ -21,6 +22,7 @@ from probe.golden import (
     Record,
     check_golden_for,
     compare_outputs,
+    explain_mismatch,
     load_golden,
     write_golden,
 )
@@ -163,8 +165,9 @@ def test_any_record_matches_and_mismatch_names_environments() -> None:
     g = golden(record(ENV_A, probs()), record(ENV_B, probs(1.0)))
     assert compare_outputs(g, {"y": ("FP32", probs(1.0))}, CompareConfig()).ok
     here = {**ENV_A, "driver": "560.28.03", "cuda_driver": "12.6"}
-    res = compare_outputs(g, {"y": ("FP32", probs(2.0))}, CompareConfig(), here)
-    assert not res.ok
+    cmp = compare_outputs(g, {"y": ("FP32", probs(2.0))}, CompareConfig())
+    assert not cmp.ok
+    res = Comparison(cmp.ok, explain_mismatch(g, cmp, here))
     assert "golden recorded on driver 535.104.05 / CUDA 12.2 / GPU NVIDIA A100-SXM4-80GB" in res.reason
     assert "driver 550.54.15 / CUDA 12.4" in res.reason
     assert "this node is driver 560.28.03 / CUDA 12.6 / GPU NVIDIA A100-SXM4-80GB / Triton 2.51.0" in res.reason

@@ -208,8 +208,8 @@ class CanaryCheck:
             outputs = c.outputs or tuple(golden.records[0].outputs)
             cap = reply_cap(golden, self._max_reply)
             outcome = await self._client.infer(c, self._inputs, outputs, max_reply=cap)
-        except TritonUnreachable as e:
-            return failed(self.model_name, Kind.MODEL, str(e)), failed(name, Kind.CANARY, str(e), restart_worthy=True)
+        except TritonUnreachable as e:  # says nothing of the model (a malformed reply, a reset): ask
+            return None, failed(name, Kind.CANARY, str(e), restart_worthy=True)
         except TritonRequestError as e:
             self._validated = False  # the model may have been replaced; re-check its metadata next time
             model = await self._ask_model()

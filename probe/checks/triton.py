@@ -63,5 +63,4 @@ class TritonCheck:
         return (failed("triton", Kind.SERVER, f"Triton at {self._client.url} is live but not ready"),)
 
     def timed_out(self, after: float) -> tuple[CheckResult]:
-        reason = f"Triton at {self._client.url} did not answer within {after:.2f}s"
-        return (failed("triton", Kind.SERVER, reason, restart_worthy=True),)
+        return (failed("triton", Kind.SERVER, f"timed out after {after:.2f}s", restart_worthy=True),)

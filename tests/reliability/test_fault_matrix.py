@@ -58,8 +58,7 @@ def refused(url: str) -> str:
     host, port = url.split(":")
     at = re.escape(url)
     return (
-        rf"server (?:ready|live): cannot connect to Triton at {at}: Cannot connect to host {at} ssl:default "
-        rf"\[Connect call failed \('{re.escape(host)}', {port}\)\]"
+        rf"server (?:ready|live): cannot connect to Triton at {at}: Connect call failed \('{re.escape(host)}', {port}\)"
     )
 
 
