@@ -350,7 +350,8 @@ async def _request(
     answer: dict[str, Any] | None = None
     try:
         try:
-            resp = await session.post(url, data=body, headers=headers)
+            # Whatever the session's defaults: a status is read here, and a redirect is a status, not followed.
+            resp = await session.post(url, data=body, headers=headers, raise_for_status=False, allow_redirects=False)
         except aiohttp.ClientError as e:
             raise _Failed("connection", f"no reply: {_client_error(e)}") from None
         complete = False

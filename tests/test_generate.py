@@ -520,3 +520,14 @@ async def test_generate_timed_out_waiting_for_headers(scripted: Start, session: 
             await generate(session, server.url, "m", "", BODY, max_bytes=4096, progress=progress)
     assert progress.describe() == "no reply headers"
     release.set()
+
+
+async def test_the_sessions_defaults_do_not_change_what_a_status_means(scripted: Start) -> None:
+    server = await scripted(
+        answer("500 Internal Server Error", "application/json", b'{"error":"model crashed"}'),
+        answer("307 Temporary Redirect", "text/plain", b"", extra="Location: /elsewhere\r\n"),
+    )
+    async with aiohttp.ClientSession(raise_for_status=True) as strict:
+        assert failed(await stream(strict, server)).reason == "HTTP 500: model crashed"
+        assert failed(await stream(strict, server)).reason == "HTTP 307 Temporary Redirect"
+    assert len(server.requests) == 2
