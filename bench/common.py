@@ -33,6 +33,8 @@ from tests.helpers import DEMO_CANARY, ServeProcess, run_cli, write_config  # no
 from tests.helpers import free_port as free_port  # noqa: E402  (re-exported for the benchmark scripts)
 
 MODEL = str(DEMO_CANARY["model"])
+LLM_MODEL = "demo_llm"
+"""The decoupled demo model the streaming benchmark talks to."""
 # A fresh canary on every request, and no background loop competing with the measurement.
 FRESH = {"timeout": 0.8, "min_interval": 0, "interval": 0}
 # Every answer after the first comes from the cache.
@@ -166,10 +168,11 @@ class Stack:
 
 @contextlib.contextmanager
 def stack() -> Iterator[Stack]:
-    """Start Triton (demo_classifier only), record the canary's golden; tear everything down on exit."""
+    """Start Triton (demo_classifier, and demo_llm for the streaming benchmark), record the canary's golden; tear
+    everything down on exit."""
     tmp = Path(tempfile.mkdtemp(prefix="probe-bench-"))
     t0 = time.perf_counter()
-    triton = start_triton(tmp, models=(MODEL,))
+    triton = start_triton(tmp, models=(MODEL, LLM_MODEL))
     s = Stack(tmp, triton)
     try:
         rec = run_cli("record", "-c", str(s.config("record", FRESH)), timeout=120)

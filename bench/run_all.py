@@ -4,8 +4,8 @@
 
 Each figure is a ratio of two things measured in the same run, interleaved where it matters, because the
 machine is shared and absolute numbers drift. Exits 0 whether targets pass or miss; non-zero only if a
-benchmark crashed. Scripts for one benchmark each: ready_vs_raw.py, overhead.py, throughput.py, digest.py,
-footprint.py.
+benchmark crashed. Scripts for one benchmark each: ready_vs_raw.py, stream_vs_raw.py, overhead.py, throughput.py,
+digest.py, footprint.py.
 """
 
 from __future__ import annotations
@@ -20,11 +20,13 @@ import digest
 import footprint
 import overhead
 import ready_vs_raw
+import stream_vs_raw
 import throughput
 from common import Stack, mark, print_machine, stack, table
 
 BENCHMARKS: list[tuple[str, Callable[[Stack], Any]]] = [
     ("ready_vs_raw", ready_vs_raw.measure),
+    ("stream_vs_raw", stream_vs_raw.measure),
     ("overhead", overhead.measure),
     ("throughput", throughput.measure),
     ("digest", digest.measure),

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-MODELS = ("demo_classifier", "demo_classifier_fp64", "typed")
+MODELS = ("demo_classifier", "demo_classifier_fp64", "typed", "demo_llm")
 
 
 def free_port() -> int:

@@ -145,6 +145,10 @@ Break the model and watch /ready turn red (and back):
   echo hang        > {triton.fault_dir}/demo_classifier
   echo wrong_value > {triton.fault_dir}/demo_classifier
   echo ok          > {triton.fault_dir}/demo_classifier
+Triton also serves demo_llm, a decoupled model that streams one token per event:
+  curl -sN -d '{{"text_input": "The capital of France is", "max_tokens": 8}}' \\
+    http://{triton.url}/v2/models/demo_llm/generate_stream
+  echo stall > {triton.fault_dir}/demo_llm     # also wrong_token, error_mid, slow_first, ok
 Ctrl-C stops the sidecar and Triton."""
         )
         while serve.poll() is None:

@@ -13,6 +13,14 @@ it misbehave at runtime without restarting Triton:
     noise:<amplitude>  add fresh random noise on every request (nondeterministic)
     offset:<delta>     add a constant (deterministic drift)
 
+The decoupled model `demo_llm` streams one token per response and has faults of its own (see `LlmFaults`):
+
+    stall              stop after half the tokens and hang until the file says something else (at most 120 s)
+    stall:<k>          the same after k tokens (stall:0: before the first, so no reply headers at all)
+    wrong_token        one token (the middle one) differs
+    error_mid          raise after half the tokens (Triton forwards the traceback as an `error` event)
+    slow_first         the first token after 0.5 s (slow_first:<seconds> for another delay)
+
 Run: python demo/triton_server.py --http-port 8000 --grpc-port 8001 --metrics-port 8002 --fault-dir DIR
 Start it in its own process session and stop it by signalling that group: pytriton starts helper processes.
 """
@@ -20,12 +28,13 @@ Start it in its own process session and stop it by signalling that group: pytrit
 from __future__ import annotations
 
 import argparse
+import hashlib
 import pathlib
 import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -105,13 +114,92 @@ def typed(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     }
 
 
+# The demo LLM's vocabulary: its continuation of a prompt is a fixed function of the prompt (see `continuation`).
+VOCAB = tuple(
+    "the a of to and in is it that was for on with as by at from be this an which or one had not but all "
+    "were when there can more if no out so what up into time has two like then first any new may".split()
+)
+LLM_MAX_TOKENS = 16
+"""Tokens `demo_llm` generates when the request gives no `max_tokens`."""
+LLM_TOKEN_LIMIT = 4096
+SLOW_FIRST_S = 0.5
+
+
+def token(prompt: str, i: int) -> str:
+    """The i-th token (a word with its leading space) that demo_llm generates for `prompt`."""
+    digest = hashlib.sha256(f"{i}:{prompt}".encode()).digest()
+    return " " + VOCAB[int.from_bytes(digest[:4], "big") % len(VOCAB)]
+
+
+def continuation(prompt: str, max_tokens: int = LLM_MAX_TOKENS) -> str:
+    """demo_llm's whole answer to `prompt` with greedy decoding: what a healthy stream joins to."""
+    return "".join(token(prompt, i) for i in range(max_tokens))
+
+
+def wrong(word: str) -> str:
+    """A different token in place of `word` (wrong_token)."""
+    return " " + VOCAB[(VOCAB.index(word.strip()) + 1) % len(VOCAB)]
+
+
+class LlmFaults:
+    """Where and how demo_llm misbehaves, read from its fault file when a request starts."""
+
+    def __init__(self, faults: Faults, model: str) -> None:
+        self.faults = faults
+        self.model = model
+
+    def stall(self) -> None:
+        """Hang until the fault file no longer says stall (bounded, so a forgotten fault cannot wedge Triton).
+
+        A client that gives up does not stop this generator, and the model's next request waits behind it:
+        clearing the fault is what releases both."""
+        deadline = time.monotonic() + HANG_LIMIT_S
+        while self.faults.mode(self.model).startswith("stall") and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    def generate(self, prompt: str, max_tokens: int, temperature: float) -> Iterator[str]:
+        mode = self.faults.before(self.model)  # hang, slow:<s> and fail apply as for the other models
+        name, _, arg = mode.partition(":")
+        middle = max_tokens // 2
+        stall_at = (int(arg) if arg else middle) if name == "stall" else -1
+        rng = np.random.default_rng() if temperature > 0 else None
+        for i in range(max_tokens):
+            if i == stall_at:
+                self.stall()
+            if i == 0 and name == "slow_first":
+                time.sleep(float(arg) if arg else SLOW_FIRST_S)
+            if i == middle and name == "error_mid":
+                raise RuntimeError(f"fault injected into {self.model}: error_mid after {i} tokens")
+            word = token(prompt, i) if rng is None else " " + VOCAB[int(rng.integers(len(VOCAB)))]
+            if i == middle and name == "wrong_token":
+                word = wrong(word)
+            yield word
+
+
+def llm(faults: LlmFaults) -> Callable[[list[Any]], Iterator[list[dict[str, np.ndarray]]]]:
+    """A decoupled infer function: one response per token, each with one `text_output` element."""
+
+    def infer(requests: list[Any]) -> Iterator[list[dict[str, np.ndarray]]]:
+        # Unbatched (batching=False): Triton hands the model one request at a time.
+        (req,) = requests
+        prompt = bytes(req["text_input"].reshape(-1)[0]).decode("utf-8", "replace")
+        max_tokens = int(req["max_tokens"].reshape(-1)[0]) if "max_tokens" in req else LLM_MAX_TOKENS
+        temperature = float(req["temperature"].reshape(-1)[0]) if "temperature" in req else 0.0
+        if not 0 <= max_tokens <= LLM_TOKEN_LIMIT:
+            raise ValueError(f"max_tokens must be between 0 and {LLM_TOKEN_LIMIT}, got {max_tokens}")
+        for word in faults.generate(prompt, max_tokens, temperature):
+            yield [{"text_output": np.array([word.encode()], dtype=np.object_)}]
+
+    return infer
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--http-port", type=int, default=8000)
     ap.add_argument("--grpc-port", type=int, default=8001)
     ap.add_argument("--metrics-port", type=int, default=8002)
     ap.add_argument("--fault-dir", type=pathlib.Path, required=True)
-    ap.add_argument("--models", default="demo_classifier,demo_classifier_fp64,typed")
+    ap.add_argument("--models", default="demo_classifier,demo_classifier_fp64,typed,demo_llm")
     args = ap.parse_args()
 
     from pytriton.model_config import ModelConfig, Tensor
@@ -181,6 +269,8 @@ def main() -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     with Triton(config=config, security_config=TritonSecurityConfig(restricted_endpoints=[])) as triton:
         for name in args.models.split(","):
+            if name == "demo_llm":
+                continue  # decoupled: bound below
             fn, inputs, outputs = models[name]
             triton.bind(
                 model_name=name,
@@ -188,6 +278,19 @@ def main() -> int:
                 inputs=inputs,
                 outputs=outputs,
                 config=ModelConfig(batching=False),
+                strict=False,
+            )
+        if "demo_llm" in args.models.split(","):
+            triton.bind(
+                model_name="demo_llm",
+                infer_func=llm(LlmFaults(faults, "demo_llm")),
+                inputs=[
+                    Tensor(name="text_input", dtype=bytes, shape=(1,)),
+                    Tensor(name="max_tokens", dtype=np.int32, shape=(1,), optional=True),
+                    Tensor(name="temperature", dtype=np.float32, shape=(1,), optional=True),
+                ],
+                outputs=[Tensor(name="text_output", dtype=bytes, shape=(1,))],
+                config=ModelConfig(batching=False, decoupled=True),
                 strict=False,
             )
         triton.run()

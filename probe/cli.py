@@ -129,6 +129,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         _err(f"config error: {e}")
         return EXIT_USAGE
+    streaming = [c.name for c in cfg.canaries if c.protocol != "infer"]
+    if streaming:
+        # The generate client, answer comparison and test model exist (probe.generate, probe.answers); the golden
+        # format, record and checks for them do not yet. Refusing beats running such a canary as /infer.
+        _err(
+            f"config error: canaries {', '.join(streaming)}: protocol generate / generate_stream is not yet "
+            "supported by check, record, serve or validate in this version of probe"
+        )
+        return EXIT_USAGE
     if args.command != "serve":
         # One-shot commands report every problem in their own lines; a sampler's or client's log record would only
         # say the same thing again, unprefixed, through logging's last-resort handler.

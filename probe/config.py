@@ -7,6 +7,7 @@ Relative paths are resolved against the directory of the config file.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -190,6 +191,8 @@ class CompareConfig:
     mode: str = "exact"
     rtol: float = 1e-5
     atol: float = 1e-6
+    min_similarity: float = 0.9
+    """Text mode (generate protocols): each compared string field's similarity to its golden, 0..1."""
 
 
 @dataclass(frozen=True)
@@ -198,6 +201,8 @@ class LatencyConfig:
     drift: float | None = None
     window: int = 5
     """Number of recent canary latencies whose median is compared with the baseline."""
+    first_ms: float | None = None
+    """generate_stream: budget for the first event (time to first token)."""
 
 
 @dataclass(frozen=True)
@@ -210,6 +215,10 @@ class CanaryConfig:
     timeout: float | None = None
     compare: CompareConfig = field(default_factory=CompareConfig)
     latency: LatencyConfig = field(default_factory=LatencyConfig)
+    protocol: str = "infer"
+    """infer | generate | generate_stream"""
+    request: Mapping[str, Any] | None = None
+    """generate / generate_stream: the JSON body, sent as is (plain dicts and lists; `inputs` is then empty)."""
 
     def deadline(self, probe_timeout: float) -> float:
         return self.timeout if self.timeout is not None else probe_timeout
@@ -477,7 +486,11 @@ def _parse_tls(s: _Section, base: Path, https: bool) -> TlsConfig:
 
 
 def _parse_canary(raw: Any, where: str, base: Path, probe: ProbeConfig) -> CanaryConfig:
-    s = _Section(raw, where, ("name", "model", "version", "inputs", "outputs", "timeout", "compare", "latency"))
+    s = _Section(
+        raw,
+        where,
+        ("name", "model", "version", "protocol", "request", "inputs", "outputs", "timeout", "compare", "latency"),
+    )
     if not s.has("name"):
         raise ConfigError(f"{where}.name: required")
     name = _check_name(s.get("name"), s.where("name"), "canary name")
@@ -487,8 +500,9 @@ def _parse_canary(raw: Any, where: str, base: Path, probe: ProbeConfig) -> Canar
     version = s.string("version", "")
     if version and not version.isdigit():
         raise ConfigError(f"{s.where('version')}: expected a version number or empty, got {version!r}")
-    inputs_raw = s.get("inputs")
-    if not isinstance(inputs_raw, list) or not inputs_raw:
+    protocol, request = _parse_protocol(s)
+    inputs_raw = s.get("inputs") if protocol == "infer" else []
+    if protocol == "infer" and (not isinstance(inputs_raw, list) or not inputs_raw):
         raise ConfigError(f"{s.where('inputs')}: expected a non-empty list of inputs")
     inputs = tuple(_parse_input(r, f"{where}.inputs[{i}]", base) for i, r in enumerate(inputs_raw))
     seen: dict[str, int] = {}
@@ -511,13 +525,14 @@ def _parse_canary(raw: Any, where: str, base: Path, probe: ProbeConfig) -> Canar
         timeout = s.number("timeout", 0.0, positive=True)
         if timeout > probe.timeout:
             raise ConfigError(f"{s.where('timeout')}: {timeout:g} exceeds probe.timeout {probe.timeout:g}")
-    cs = s.sub("compare", ("mode", "rtol", "atol"))
+    cs = s.sub("compare", ("mode", "rtol", "atol", "min_similarity"))
     compare = CompareConfig(
-        mode=cs.string("mode", CompareConfig.mode, choices=("exact", "tolerance")),
+        mode=cs.string("mode", CompareConfig.mode, choices=_compare_modes(cs, protocol)),
         rtol=cs.number("rtol", CompareConfig.rtol),
         atol=cs.number("atol", CompareConfig.atol),
+        min_similarity=_parse_min_similarity(cs),
     )
-    ls = s.sub("latency", ("max_ms", "drift", "window"))
+    ls = s.sub("latency", ("max_ms", "drift", "window", "first_ms"))
     max_ms = ls.number("max_ms", 0.0, positive=True) if ls.has("max_ms") else None
     drift = ls.number("drift", 0.0, positive=True) if ls.has("drift") else None
     if drift is not None and drift < 1.0:
@@ -533,8 +548,99 @@ def _parse_canary(raw: Any, where: str, base: Path, probe: ProbeConfig) -> Canar
         outputs=outputs,
         timeout=timeout,
         compare=compare,
-        latency=LatencyConfig(max_ms=max_ms, drift=drift, window=window_raw),
+        latency=LatencyConfig(max_ms=max_ms, drift=drift, window=window_raw, first_ms=_parse_first_ms(ls, protocol)),
+        protocol=protocol,
+        request=request,
     )
+
+
+# ---------------------------------------------------------------------------------------------- generate protocols
+
+PROTOCOLS = ("infer", "generate", "generate_stream")
+GENERATE_PROTOCOLS = ("generate", "generate_stream")
+MAX_REQUEST_BYTES = 256 * 1024
+"""Largest `request` body, as JSON."""
+MAX_REQUEST_DEPTH = 32
+"""Deepest nesting of mappings and lists in a `request`."""
+
+
+def _parse_protocol(s: _Section) -> tuple[str, dict[str, Any] | None]:
+    """The canary's protocol and, for generate / generate_stream, its validated `request`."""
+    protocol = s.string("protocol", "infer", choices=PROTOCOLS)
+    if protocol == "infer":
+        if s.has("request"):
+            raise ConfigError(
+                f"{s.where('request')}: only for protocol generate or generate_stream (infer takes inputs)"
+            )
+        return protocol, None
+    if s.has("inputs"):
+        raise ConfigError(f"{s.where('inputs')}: not used with protocol {protocol} (its body is request)")
+    where = s.where("request")
+    raw = s.get("request")
+    if raw is None:
+        raise ConfigError(f"{where}: required for protocol {protocol}")
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where}: expected a mapping (the JSON body), got {_type_name(raw)}")
+    if not raw:
+        raise ConfigError(f"{where}: must not be empty")
+    request = _json_value(raw, where, 0)
+    size = len(json.dumps(request, ensure_ascii=False, separators=(",", ":")).encode())
+    if size > MAX_REQUEST_BYTES:
+        raise ConfigError(f"{where}: {format_bytes(size)} as JSON, over the {format_bytes(MAX_REQUEST_BYTES)} limit")
+    return protocol, request
+
+
+def _json_value(v: Any, where: str, depth: int) -> Any:
+    """A plain JSON copy of `v` (dicts, lists, str, finite numbers, booleans, null), or a ConfigError naming the
+    key path of the first value that is not."""
+    if v is None or isinstance(v, (str, bool, int)):
+        return v
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            raise ConfigError(f"{where}: JSON has no {v!r}; expected a finite number")
+        return v
+    if isinstance(v, (Mapping, list)):
+        if depth >= MAX_REQUEST_DEPTH:
+            raise ConfigError(f"{where}: nested deeper than {MAX_REQUEST_DEPTH} levels")
+        if isinstance(v, list):
+            return [_json_value(x, f"{where}[{i}]", depth + 1) for i, x in enumerate(v)]
+        out: dict[str, Any] = {}
+        for key, x in v.items():
+            if not isinstance(key, str):
+                raise ConfigError(f"{where}.{_key(str(key))}: keys must be strings")
+            out[key] = _json_value(x, f"{where}.{_key(key)}", depth + 1)
+        return out
+    raise ConfigError(
+        f"{where}: expected a JSON value (string, number, boolean, null, list or mapping), got {_type_name(v)}"
+    )
+
+
+def _compare_modes(cs: _Section, protocol: str) -> tuple[str, ...]:
+    if protocol in GENERATE_PROTOCOLS:
+        return ("exact", "tolerance", "text")
+    if cs.get("mode") == "text":
+        raise ConfigError(f"{cs.where('mode')}: text is for protocol generate or generate_stream")
+    return ("exact", "tolerance")
+
+
+def _parse_min_similarity(cs: _Section) -> float:
+    mode = cs.get("mode", "exact")
+    if not cs.has("min_similarity"):
+        return CompareConfig.min_similarity
+    if mode != "text":
+        raise ConfigError(f"{cs.where('min_similarity')}: only for mode text")
+    v = cs.get("min_similarity")
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
+        raise ConfigError(f"{cs.where('min_similarity')}: expected a number from 0 to 1, got {v!r}")
+    return float(v)
+
+
+def _parse_first_ms(ls: _Section, protocol: str) -> float | None:
+    if not ls.has("first_ms"):
+        return None
+    if protocol != "generate_stream":
+        raise ConfigError(f"{ls.where('first_ms')}: only for protocol generate_stream (time to the first event)")
+    return ls.number("first_ms", 0.0, positive=True)
 
 
 def _parse_devices(raw: Any, where: str) -> tuple[str, ...] | None:
