@@ -18,13 +18,14 @@ import aiohttp
 from prometheus_client import CollectorRegistry
 
 from probe.checks.base import Check
-from probe.checks.canary import CanaryCheck, GoldenStore, LatencyTracker
+from probe.checks.canary import CanaryCheck, LatencyTracker
 from probe.checks.latency import LatencyCheck
 from probe.checks.lifecycle import Lifecycle, PingCheck, ShutdownCheck
 from probe.checks.model import ModelCheck
 from probe.checks.triton import TritonCheck
 from probe.config import Config, derived_metrics_url
 from probe.environment import EnvironmentProbe
+from probe.golden import GoldenStore
 from probe.logs import StateLogger
 from probe.metrics import Metrics
 from probe.queue import QueueWatcher

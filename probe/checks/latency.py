@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from probe.checks.base import CheckResult, failed, passed
-from probe.checks.canary import GoldenStore, LatencyTracker
+from probe.checks.canary import LatencyTracker
 from probe.config import CanaryConfig
-from probe.golden import GoldenError
+from probe.golden import GoldenError, GoldenStore
 
 
 class LatencyCheck:
