@@ -183,6 +183,8 @@ def _load_npy(spec: InputSpec, path: Path) -> np.ndarray[Any, Any]:
                 )
             f.seek(0)
             loaded = _NPY_FORMAT.read_array(f, allow_pickle=False)
+    except InputError:
+        raise
     except FileNotFoundError:
         raise InputError(f"input {spec.name}: file {path} not found") from None
     except OSError as e:

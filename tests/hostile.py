@@ -13,8 +13,7 @@ import os
 import struct
 import subprocess
 import sys
-import threading
-import time
+import tempfile
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -129,34 +128,32 @@ class Measured:
     """Bytes: the child's own maximum resident set, from wait4 (no other child counts)."""
 
 
+# A small parent for the measured process. Linux carries a process's peak RSS across fork and exec, so a child
+# of the test session starts with the session's own peak (hundreds of MiB); a child of this ~10 MiB parent does not.
+_MEASURE = """
+import resource, subprocess, sys, time
+started = time.monotonic()
+code = subprocess.call(sys.argv[2:])
+seconds = time.monotonic() - started
+with open(sys.argv[1], "w") as f:
+    f.write(f"{seconds} {resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024}")
+sys.exit(code)
+"""
+
+
 def run_measured(*args: str, timeout: float = 120) -> Measured:
-    """`python -m probe ARGS` as a real process; its wall time and its own peak RSS (os.wait4 on its pid:
-    RUSAGE_CHILDREN would report the largest child so far, the test session's Triton among them)."""
+    """`python -m probe ARGS` as a real process: its output, wall time and own peak RSS."""
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    started = time.monotonic()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "probe", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
-    assert proc.stdout is not None and proc.stderr is not None
-    streams = {"out": proc.stdout, "err": proc.stderr}
-    read: dict[str, bytes] = {}
-    readers = [threading.Thread(target=lambda k=k, f=f: read.update({k: f.read()})) for k, f in streams.items()]
-    for t in readers:
-        t.start()
-    killer = threading.Timer(timeout, proc.kill)
-    killer.start()
-    try:
-        _, status, usage = os.wait4(proc.pid, 0)
-    finally:
-        killer.cancel()
-    seconds = time.monotonic() - started
-    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait for it again
-    for t in readers:
-        t.join()
-    proc.stdout.close()
-    proc.stderr.close()
-    assert seconds < timeout, f"probe {' '.join(args)} killed after {timeout}s"
-    return Measured(proc.returncode, read["out"].decode(), read["err"].decode(), seconds, usage.ru_maxrss * 1024)
+    with tempfile.NamedTemporaryFile("r", suffix=".measured") as report:
+        proc = subprocess.run(
+            [sys.executable, "-c", _MEASURE, report.name, sys.executable, "-m", "probe", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        seconds, peak = report.read().split()
+    return Measured(proc.returncode, proc.stdout, proc.stderr, float(seconds), int(peak))
 
 
 def describe(m: Measured) -> str:

@@ -121,7 +121,7 @@ class CanaryCheck:
             return failed(self.name, self._input_error)
         assert self._inputs is not None
         try:
-            golden = self.golden.get()
+            golden = await self.golden.current()
             check_golden_for(golden, c.name, self._input_digest, c.compare.mode, self.golden.path)
         except GoldenError as e:
             return failed(self.name, str(e))

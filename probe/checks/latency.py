@@ -5,7 +5,7 @@ from __future__ import annotations
 from probe.checks.base import CheckResult, failed, passed
 from probe.checks.canary import LatencyTracker
 from probe.config import CanaryConfig
-from probe.golden import GoldenError, GoldenStore
+from probe.golden import GoldenStore
 
 
 class LatencyCheck:
@@ -26,10 +26,7 @@ class LatencyCheck:
         self.name = f"latency/{canary.name}"
 
     def baseline_ms(self) -> tuple[float, str] | None:
-        try:
-            golden = self._golden.get()
-        except GoldenError:
-            golden = None
+        golden = self._golden.cached()  # never reads a file: the canary check of this run just loaded it
         if golden is not None:
             rec = golden.records[-1]
             return rec.latency.median_ms, f"golden, recorded {rec.recorded_at}"
