@@ -253,6 +253,7 @@ async def _record(cfg: Config, *, only: str | None, runs: int, force: bool) -> i
             _err(f"triton unreachable: {down}")
             return EXIT_UNREACHABLE
         for c in canaries:
+            path = cfg.golden_path(c.name)
             try:
                 done = await record_canary(cfg, c, sidecar.client, sidecar.environment, runs=runs, force=force)
                 print(f"[+]{c.name} {done.summary}")
@@ -266,7 +267,9 @@ async def _record(cfg: Config, *, only: str | None, runs: int, force: bool) -> i
                 _err(f"config error: canary {c.name}: {e}")
                 return EXIT_USAGE
             except OSError as e:
-                _err(f"cannot write golden file for canary {c.name}: {e}; the previous golden file is unchanged")
+                # The write is atomic: whatever was there before is still there, byte for byte.
+                before = "the previous golden file is unchanged" if path.exists() else "no golden file was written"
+                _err(f"cannot write golden file for canary {c.name}: {e}; {before}")
                 return EXIT_USAGE
             except TritonUnreachable as e:
                 _err(f"triton unreachable: {e}")

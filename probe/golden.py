@@ -434,12 +434,43 @@ def _read_member(zf: zipfile.ZipFile, key: str, out: OutputGolden, where: str) -
 # ---------------------------------------------------------------------------------------------- writing
 
 
+def _umask() -> int:
+    """The process umask, read without changing it (os.umask sets it, racing other threads creating files)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # pragma: no cover - Linux before 4.7, or no /proc
+    os.umask(mask)  # pragma: no cover
+    return mask  # pragma: no cover
+
+
+def ensure_golden_dir(directory: Path) -> None:
+    """Create golden_dir if needed; a `GoldenError` naming it when it cannot be (a file there, no permission)."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise GoldenError(f"golden_dir {directory}: exists and is not a directory") from None
+    except NotADirectoryError:
+        raise GoldenError(f"golden_dir {directory}: a parent of it is not a directory") from None
+    except OSError as e:
+        raise GoldenError(f"golden_dir {directory}: cannot create it: {e.strerror or e}") from None
+
+
 def _atomic_write(path: Path, data: bytes) -> None:
-    """Write to a temp file beside `path`, fsync, rename. On any failure the old file is untouched."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write to a temp file beside `path`, fsync, rename. On any failure the old file is untouched.
+
+    The file gets mode 0666 less the umask (0644 usually), as `open()` would give it: mkstemp's 0600 would keep
+    a sidecar running as another user (a hostPath or PVC mount, an image built as root) from reading it.
+    """
+    ensure_golden_dir(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
             f.write(data)
             f.flush()
             os.fsync(f.fileno())

@@ -5,8 +5,12 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shutil
+import stat
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -190,6 +194,59 @@ def test_tolerance_accepts_small_drift_and_rejects_large() -> None:
         large.reason.startswith("output y max abs error 0.01")
         and "exceeds tolerance rtol 1e-05 atol 1e-06" in large.reason
     )
+
+
+# ---------------------------------------------------------------------------------------------- file modes
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A directory another user can enter (pytest's tmp_path is under a 0700 directory of root's)."""
+    d = Path(tempfile.mkdtemp(prefix="probe-golden-mode-"))
+    d.chmod(0o755)
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_golden_files_get_0666_less_the_umask_not_mkstemps_0600(shared_dir: Path, umask: int) -> None:
+    rec = record(ENV_A, probs(), tensors=True)
+    old = os.umask(umask)
+    try:
+        write_golden(shared_dir / "c.json", golden(rec, mode="tolerance", tensors={f"{rec.record_id}/y": probs()}))
+    finally:
+        os.umask(old)
+    for name in ("c.json", "c.npz"):
+        assert stat.S_IMODE((shared_dir / name).stat().st_mode) == 0o666 & ~umask, name
+
+
+def test_a_sidecar_running_as_another_user_can_read_the_golden(shared_dir: Path) -> None:
+    """The image runs as non-root; golden files recorded by root onto a hostPath or PVC must stay readable."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root, to write as root and read as nobody")
+    if shutil.which("setpriv") is None:
+        pytest.skip("needs setpriv (util-linux) to run a reader as nobody")
+    old = os.umask(0o022)
+    try:
+        write_golden(shared_dir / "c.json", golden(record(ENV_A, probs())))
+    finally:
+        os.umask(old)
+    nobody = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--"]
+    proc = subprocess.run([*nobody, "cat", str(shared_dir / "c.json")], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["canary"] == "c"
+
+
+def test_golden_dir_that_is_a_file_is_one_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "golden").write_text("a file\n")
+    with pytest.raises(GoldenError) as e:
+        write_golden(tmp_path / "golden" / "c.json", golden(record(ENV_A, probs())))
+    assert str(e.value) == f"golden_dir {tmp_path / 'golden'}: exists and is not a directory"
+    with pytest.raises(GoldenError) as e:
+        load_golden(tmp_path / "golden" / "c.json")
+    assert str(e.value) == f"golden_dir {tmp_path / 'golden'}: is not a directory"
 
 
 # ---------------------------------------------------------------------------------------------- field types

@@ -7,13 +7,17 @@ Every answer is timed by the harness against probe.timeout + SLACK, the same rul
 from __future__ import annotations
 
 import json
+import os
 import re
+import resource
+import subprocess
+import sys
 import time
 import zipfile
 from pathlib import Path
 
 from tests.conftest import TritonServer
-from tests.helpers import run_cli
+from tests.helpers import DEMO_CANARY, REPO, run_cli, write_config
 from tests.hostile import npy_header, write_npz, write_zero_bomb_npz
 from tests.reliability.harness import Expect, Sidecar, StartSidecar
 
@@ -97,3 +101,29 @@ def test_golden_json_over_the_cap_is_refused_and_reported(
     car.expect(Expect(503, 200, "canary/demo", reason, ON_TRITON))
     car.golden.write_bytes(good)
     car.passes("canary/demo")
+
+
+def test_record_that_cannot_write_a_first_golden_says_none_was_written(
+    tmp_path: Path, healthy_triton: TritonServer
+) -> None:
+    """It said "the previous golden file is unchanged" when there was none."""
+    cfg = write_config(tmp_path, healthy_triton.url, [DEMO_CANARY])
+
+    def small_files() -> None:  # Python ignores SIGXFSZ, so the write fails with EFBIG instead of killing it
+        resource.setrlimit(resource.RLIMIT_FSIZE, (256, 256))
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(
+        [sys.executable, "-m", "probe", "record", "-c", str(cfg)],
+        env=env,
+        preexec_fn=small_files,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 1, proc
+    assert proc.stderr == (
+        "probe: cannot write golden file for canary demo: [Errno 27] File too large; no golden file was written\n"
+    )
+    assert not (tmp_path / "golden" / "demo.json").exists()
+    assert list((tmp_path / "golden").iterdir()) == [], "a temp file was left behind"
