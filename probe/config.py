@@ -721,12 +721,14 @@ def check_yaml_nodes(root: yaml.Node) -> None:
 def _read_config(p: Path) -> str:
     try:
         with open(p, "rb") as f:
-            data = f.read(CONFIG_MAX_BYTES + 1)
+            # A regular file over the cap is refused by its size, unread; a pipe by what it sends.
+            small = os.fstat(f.fileno()).st_size <= CONFIG_MAX_BYTES
+            data = f.read(CONFIG_MAX_BYTES + 1) if small else None
     except FileNotFoundError:
         raise ConfigError(f"{p}: no such config file") from None
     except OSError as e:
         raise ConfigError(f"{p}: cannot read config: {e.strerror or e}") from None
-    if len(data) > CONFIG_MAX_BYTES:
+    if data is None or len(data) > CONFIG_MAX_BYTES:
         raise ConfigError(f"{p}: config file is over the {format_bytes(CONFIG_MAX_BYTES)} cap; not read")
     try:
         return data.decode("utf-8")

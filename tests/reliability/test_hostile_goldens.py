@@ -79,7 +79,10 @@ def test_2_gib_member_npz_swapped_in_keeps_every_answer_prompt(
     bomb = npz.with_name("bomb.npz")
     write_zero_bomb_npz(bomb, member, (2**29,))
     bomb.replace(npz)
-    reason = rf"{re.escape(str(npz))}: golden tensors file is 2\.0MiB, over its 1\.0MiB cap \(.+\); not read"
+    reason = (
+        rf"{re.escape(str(npz))}: golden tensors file is 2\.0MiB, over its 1\.0MiB cap "
+        r"\(2 x the 48B of tensors its records reference, \+ 1\.0MiB\); not read"
+    )
     car.expect(Expect(503, 200, "canary/demo", reason, ON_TRITON))
     npz.write_bytes(good)
     car.passes("canary/demo")
