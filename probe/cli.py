@@ -105,6 +105,11 @@ def _parser() -> argparse.ArgumentParser:
         "exit codes: 0 config and golden files are valid; 1 they are not (one line per problem)",
     )
     common(sp)
+    sp.add_argument(
+        "--config-only",
+        action="store_true",
+        help="check the config and the canaries' inputs, not the golden files (CI before anything is recorded)",
+    )
     return p
 
 
@@ -146,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         quiet.propagate = False
     try:
         if args.command == "validate":
-            return _validate(cfg)
+            return _validate(cfg, config_only=args.config_only)
         if args.command == "check":
             return asyncio.run(_check(cfg, only=args.only, as_json=args.json))
         if args.command == "record":
@@ -163,7 +168,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 # ---------------------------------------------------------------------------------------------- validate
 
 
-def _golden_problems(cfg: Config, names: Sequence[str]) -> list[str]:
+def _golden_problems(cfg: Config, names: Sequence[str], *, golden: bool = True) -> list[str]:
+    """One line per canary whose inputs cannot be built or (with `golden`) whose golden files cannot judge it."""
     from probe.golden import GoldenError, check_golden_for, load_golden
     from probe.tensors import InputError, build_inputs, input_digest
 
@@ -176,6 +182,8 @@ def _golden_problems(cfg: Config, names: Sequence[str]) -> list[str]:
         except InputError as e:
             problems.append(f"canary {c.name}: {e}")
             continue
+        if not golden:
+            continue
         path = cfg.golden_path(c.name)
         try:
             check_golden_for(load_golden(path), c.name, digest, c.compare.mode, path)
@@ -184,13 +192,15 @@ def _golden_problems(cfg: Config, names: Sequence[str]) -> list[str]:
     return problems
 
 
-def _validate(cfg: Config) -> int:
-    problems = _golden_problems(cfg, [c.name for c in cfg.canaries])
+def _validate(cfg: Config, *, config_only: bool = False) -> int:
+    problems = _golden_problems(cfg, [c.name for c in cfg.canaries], golden=not config_only)
     for p in problems:
         _err(p)
     if problems:
         return EXIT_USAGE
-    print(f"ok: {cfg.path}: {len(cfg.canaries)} canar{'y' if len(cfg.canaries) == 1 else 'ies'}, golden files valid")
+    n = len(cfg.canaries)
+    what = "config valid (golden files not checked)" if config_only else "golden files valid"
+    print(f"ok: {cfg.path}: {n} canar{'y' if n == 1 else 'ies'}, {what}")
     return EXIT_OK
 
 
@@ -297,6 +307,7 @@ async def _record(cfg: Config, *, only: str | None, runs: int, force: bool) -> i
             _err(f"triton unreachable: {down}")
             return EXIT_UNREACHABLE
         for c in canaries:
+            path = cfg.golden_path(c.name)
             try:
                 done = await record_canary(cfg, c, sidecar.client, sidecar.environment, runs=runs, force=force)
                 print(f"[+]{c.name} {done.summary}")
@@ -310,7 +321,9 @@ async def _record(cfg: Config, *, only: str | None, runs: int, force: bool) -> i
                 _err(f"config error: canary {c.name}: {e}")
                 return EXIT_USAGE
             except OSError as e:
-                _err(f"cannot write golden file for canary {c.name}: {e}; the previous golden file is unchanged")
+                # The write is atomic: whatever was there before is still there, byte for byte.
+                before = "the previous golden file is unchanged" if path.exists() else "no golden file was written"
+                _err(f"cannot write golden file for canary {c.name}: {e}; {before}")
                 return EXIT_USAGE
             except TritonUnreachable as e:
                 _err(f"triton unreachable: {e}")

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import re
+import reprlib
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -53,11 +54,16 @@ _SIZE_UNITS = {
 }
 
 
+CANARY_INPUT_MAX_BYTES = 64 * 1024**2
+"""The cap on one canary input tensor: elements x element size (BYTES: 8 + the value's length each). A 4K frame
+in FP16 (1x3x2160x3840) is 47 MiB; a canary is sent on every probe run, and is built in the sidecar's memory."""
+
+
 class ConfigError(ValueError):
     """A configuration problem; the message names the key path and what was expected."""
 
 
-def _finite(v: float) -> bool:
+def finite(v: float) -> bool:
     """math.isfinite, but False (not OverflowError) for an integer beyond the float range."""
     try:
         return math.isfinite(v)
@@ -65,9 +71,30 @@ def _finite(v: float) -> bool:
         return False
 
 
+_BRIEF = reprlib.Repr()
+_BRIEF.maxlevel, _BRIEF.maxlist, _BRIEF.maxtuple, _BRIEF.maxdict = 1, 3, 3, 3
+_BRIEF.maxstring, _BRIEF.maxlong, _BRIEF.maxother = 60, 40, 60
+_KEY_MAX = 80
+
+
+def brief(value: Any) -> str:
+    """A value as quoted in an error message: bounded, whatever its size or nesting (a YAML alias bomb, a
+    megabyte string), and on one line. Plain `repr()` of such a value can take minutes and gigabytes."""
+    text = _BRIEF.repr(value)
+    return text if text.isprintable() else repr(text)[1:-1]
+
+
+def clip(text: str, limit: int = 200) -> str:
+    """A message from elsewhere (an exception's text) cut to one bounded line."""
+    text = " ".join(text.split()) if not text.isprintable() else text
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _key(key: str) -> str:
     """A key as printed in a key path: quoted when it holds a line break or control character, so every
-    message stays on one line."""
+    message stays on one line, and cut short when it is longer than any real key."""
+    if len(key) > _KEY_MAX:
+        key = key[: _KEY_MAX - 3] + "..."
     return key if key.isprintable() else repr(key)
 
 
@@ -261,7 +288,7 @@ def format_bytes(n: float) -> str:
 def parse_size(text: Any, where: str) -> int:
     """`2GiB`, `512MiB`, `1.5GB`, `1048576` -> bytes."""
     if isinstance(text, bool):
-        raise ConfigError(f"{where}: expected a size like 2GiB, 512MiB or a byte count, got {text!r}")
+        raise ConfigError(f"{where}: expected a size like 2GiB, 512MiB or a byte count, got {brief(text)}")
     if isinstance(text, int):
         if text < 0:
             raise ConfigError(f"{where}: must not be negative, got {text}")
@@ -272,9 +299,9 @@ def parse_size(text: Any, where: str) -> int:
             unit = (m.group(2) or "B").lower()
             size = float(m.group(1)) * _SIZE_UNITS[unit]
             if not math.isfinite(size):
-                raise ConfigError(f"{where}: size too large, got {text!r}")
+                raise ConfigError(f"{where}: size too large, got {brief(text)}")
             return int(size)
-    raise ConfigError(f"{where}: expected a size like 2GiB, 512MiB or a byte count, got {text!r}")
+    raise ConfigError(f"{where}: expected a size like 2GiB, 512MiB or a byte count, got {brief(text)}")
 
 
 def _parse_min_free(raw: Any, where: str) -> MinFree:
@@ -282,14 +309,15 @@ def _parse_min_free(raw: Any, where: str) -> MinFree:
         try:
             pct = float(raw.strip()[:-1])
         except ValueError:
-            raise ConfigError(f"{where}: expected a percentage like 10%, got {raw!r}") from None
+            raise ConfigError(f"{where}: expected a percentage like 10%, got {brief(raw)}") from None
         if not 0 <= pct <= 100:
-            raise ConfigError(f"{where}: percentage must be between 0% and 100%, got {raw!r}")
+            raise ConfigError(f"{where}: percentage must be between 0% and 100%, got {brief(raw)}")
         return MinFree(bytes=None, percent=pct)
     return MinFree(bytes=parse_size(raw, where), percent=None)
 
 
-def _type_name(v: Any) -> str:
+def type_name(v: Any) -> str:
+    """What a value is, in YAML's and JSON's words (`mapping`, `list`, `integer`), for error messages."""
     if v is None:
         return "null"
     return {
@@ -309,10 +337,10 @@ class _Section:
         if raw is None:
             raw = {}
         if not isinstance(raw, Mapping):
-            raise ConfigError(f"{path or 'config'}: expected a mapping, got {_type_name(raw)}")
+            raise ConfigError(f"{path or 'config'}: expected a mapping, got {type_name(raw)}")
         for key in raw:
             if not isinstance(key, str):
-                raise ConfigError(f"{self._join(path, str(key))}: keys must be strings")
+                raise ConfigError(f"{self._join(path, brief(key))}: keys must be strings")
             # Unknown keys first: a misspelt key explains a "required" error that would otherwise follow.
             if key not in keys:
                 raise ConfigError(f"{self._join(path, key)}: unknown key")
@@ -334,8 +362,8 @@ class _Section:
 
     def number(self, key: str, default: float, *, positive: bool = False, allow_zero: bool = True) -> float:
         v = self.get(key, default)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not _finite(v):
-            raise ConfigError(f"{self.where(key)}: expected a number of seconds, got {v!r}")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not finite(v):
+            raise ConfigError(f"{self.where(key)}: expected a number of seconds, got {brief(v)}")
         if v < 0 or (v == 0 and not allow_zero) or (positive and v <= 0):
             raise ConfigError(f"{self.where(key)}: must be {'positive' if positive else 'zero or more'}, got {v}")
         return float(v)
@@ -345,9 +373,9 @@ class _Section:
         if isinstance(v, (int, float)) and not isinstance(v, bool) and choices is None:
             v = str(v)  # YAML reads `version: 1` as a number; a string was meant
         if not isinstance(v, str):
-            raise ConfigError(f"{self.where(key)}: expected a string, got {_type_name(v)}")
+            raise ConfigError(f"{self.where(key)}: expected a string, got {type_name(v)}")
         if choices is not None and v not in choices:
-            raise ConfigError(f"{self.where(key)}: expected one of {', '.join(choices)}, got {v!r}")
+            raise ConfigError(f"{self.where(key)}: expected one of {', '.join(choices)}, got {brief(v)}")
         return v
 
     def sub(self, key: str, keys: tuple[str, ...]) -> _Section:
@@ -361,36 +389,54 @@ def _parse_url(raw: str, where: str) -> tuple[str, bool]:
         try:
             parts = urlsplit(text)
         except ValueError as e:
-            raise ConfigError(f"{where}: expected host:port or http(s)://host:port, got {raw!r} ({e})") from None
+            raise ConfigError(f"{where}: expected host:port or http(s)://host:port, got {brief(raw)} ({e})") from None
         if parts.scheme not in ("http", "https"):
-            raise ConfigError(f"{where}: scheme must be http or https, got {parts.scheme!r}")
+            raise ConfigError(f"{where}: scheme must be http or https, got {brief(parts.scheme)}")
         if parts.path not in ("", "/") or parts.query:
-            raise ConfigError(f"{where}: expected host:port without a path, got {raw!r}")
+            raise ConfigError(f"{where}: expected host:port without a path, got {brief(raw)}")
         ssl = parts.scheme == "https"
         text = parts.netloc
     host, sep, port = text.rpartition(":")
     if not sep or not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
-        raise ConfigError(f"{where}: expected host:port or http(s)://host:port, got {raw!r}")
+        raise ConfigError(f"{where}: expected host:port or http(s)://host:port, got {brief(raw)}")
     return text, ssl
 
 
 def _check_name(v: Any, where: str, what: str) -> str:
     if not isinstance(v, str):
-        raise ConfigError(f"{where}: expected a string, got {_type_name(v)}")
+        raise ConfigError(f"{where}: expected a string, got {type_name(v)}")
     if not NAME_RE.match(v) or v in (".", ".."):
-        raise ConfigError(f"{where}: {v!r} is not a valid {what} (letters, digits, '_', '-', '.'; not '.' or '..')")
+        raise ConfigError(
+            f"{where}: {brief(v)} is not a valid {what} (letters, digits, '_', '-', '.'; not '.' or '..')"
+        )
     return v
 
 
+MAX_RANK = 32
+_ELEMENT_BYTES = {"BOOL": 1, "UINT8": 1, "INT8": 1, "UINT16": 2, "INT16": 2, "FP16": 2, "UINT32": 4, "INT32": 4}
+_ELEMENT_BYTES |= {"FP32": 4, "UINT64": 8, "INT64": 8, "FP64": 8, "BYTES": 8}  # BYTES: a pointer, or a length
+
+
 def _shape(raw: Any, where: str) -> tuple[int, ...]:
-    if not isinstance(raw, list) or not raw:
-        raise ConfigError(f"{where}: expected a non-empty list of dimensions, got {raw!r}")
+    if not isinstance(raw, list) or not raw or len(raw) > MAX_RANK:
+        raise ConfigError(f"{where}: expected a non-empty list of at most {MAX_RANK} dimensions, got {brief(raw)}")
     dims = []
     for i, d in enumerate(raw):
         if isinstance(d, bool) or not isinstance(d, int) or d < 0:
-            raise ConfigError(f"{where}[{i}]: dimensions must be integers >= 0, got {d!r}")
+            raise ConfigError(f"{where}[{i}]: dimensions must be integers >= 0, got {brief(d)}")
+        if d >= 2**63:  # Triton's dimensions are int64
+            raise ConfigError(f"{where}[{i}]: dimensions must be below 2^63, got {brief(d)}")
         dims.append(d)
     return tuple(dims)
+
+
+def _input_bytes(spec: InputSpec) -> int:
+    """What the canary input takes in memory (and on the wire): elements x element size; a BYTES element is its
+    8-byte length (or pointer) and, for `value`, the value's bytes."""
+    per = _ELEMENT_BYTES[spec.datatype]
+    if spec.datatype == "BYTES" and spec.fill == "value":
+        per += len(str(spec.value).encode("utf-8", "surrogatepass"))
+    return math.prod(spec.shape) * per
 
 
 def _parse_input(raw: Any, where: str, base: Path) -> InputSpec:
@@ -404,7 +450,9 @@ def _parse_input(raw: Any, where: str, base: Path) -> InputSpec:
         raise ConfigError(f"{where}.datatype: required")
     datatype = s.string("datatype", "")
     if datatype.upper() not in DATATYPES:
-        raise ConfigError(f"{where}.datatype: expected a Triton datatype ({', '.join(DATATYPES)}), got {datatype!r}")
+        raise ConfigError(
+            f"{where}.datatype: expected a Triton datatype ({', '.join(DATATYPES)}), got {brief(datatype)}"
+        )
     datatype = datatype.upper()
     if not s.has("shape"):
         raise ConfigError(f"{where}.shape: required")
@@ -418,33 +466,38 @@ def _parse_input(raw: Any, where: str, base: Path) -> InputSpec:
         kind, arg = next(iter(fill_raw.items()))
         if kind == "value":
             if not isinstance(arg, (int, float, str, bool)):
-                raise ConfigError(f"{fw}.value: expected a scalar, got {_type_name(arg)}")
+                raise ConfigError(f"{fw}.value: expected a scalar, got {type_name(arg)}")
             spec = InputSpec(name, datatype, shape, "value", value=arg)
         elif kind == "random":
             rs = _Section(arg, f"{fw}.random", ("seed",))
             seed = rs.get("seed", 0)
             if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-                raise ConfigError(f"{fw}.random.seed: expected an integer >= 0, got {seed!r}")
+                raise ConfigError(f"{fw}.random.seed: expected an integer >= 0, got {brief(seed)}")
             spec = InputSpec(name, datatype, shape, "random", seed=seed)
         elif kind == "file":
             if not isinstance(arg, str) or not arg:
-                raise ConfigError(f"{fw}.file: expected a path to a .npy file, got {arg!r}")
+                raise ConfigError(f"{fw}.file: expected a path to a .npy file, got {brief(arg)}")
             spec = InputSpec(name, datatype, shape, "file", file=(base / arg))
         elif kind == "data":
             if not isinstance(arg, list):
-                raise ConfigError(f"{fw}.data: expected a list, got {_type_name(arg)}")
+                raise ConfigError(f"{fw}.data: expected a list, got {type_name(arg)}")
             spec = InputSpec(name, datatype, shape, "data", data=arg)
         else:
-            raise ConfigError(
-                f"{fw}.{_key(str(kind))}: unknown fill (expected zeros, ones, value, random, file or data)"
-            )
+            name = _key(kind) if isinstance(kind, str) else brief(kind)
+            raise ConfigError(f"{fw}.{name}: unknown fill (expected zeros, ones, value, random, file or data)")
     else:
         raise ConfigError(
             f"{fw}: expected zeros, ones, {{value: V}}, {{random: {{seed: S}}}}, {{file: F}} or {{data: [...]}}, "
-            f"got {fill_raw!r}"
+            f"got {brief(fill_raw)}"
         )
     if datatype == "BYTES" and spec.fill in ("ones",):
         raise ConfigError(f"{fw}: 'ones' has no meaning for BYTES; use {{value: ...}} or {{data: [...]}}")
+    size = _input_bytes(spec)
+    if size > CANARY_INPUT_MAX_BYTES:
+        raise ConfigError(
+            f"{s.where('shape')}: {list(shape)} {datatype} is {format_bytes(size)}, over the "
+            f"{format_bytes(CANARY_INPUT_MAX_BYTES)} cap on a canary input"
+        )
     if spec.fill == "data":
         count = math.prod(shape)
         flat = _flatten(spec.data)
@@ -471,7 +524,7 @@ def _parse_tls(s: _Section, base: Path, https: bool) -> TlsConfig:
     if s.has("ca_file") and s.raw["ca_file"] is not None:
         raw = s.get("ca_file")
         if not isinstance(raw, str) or not raw:
-            raise ConfigError(f"{s.where('ca_file')}: expected a file path, got {_type_name(raw)}")
+            raise ConfigError(f"{s.where('ca_file')}: expected a file path, got {type_name(raw)}")
         ca_file = Path(os.path.normpath(base / raw))
         try:
             ssl.create_default_context(cafile=str(ca_file))
@@ -481,7 +534,7 @@ def _parse_tls(s: _Section, base: Path, https: bool) -> TlsConfig:
             raise ConfigError(f"{s.where('ca_file')}: not a readable PEM CA bundle: {ca_file}: {e}") from None
     verify = s.get("verify", TlsConfig.verify)
     if not isinstance(verify, bool):
-        raise ConfigError(f"{s.where('verify')}: expected true or false, got {_type_name(verify)}")
+        raise ConfigError(f"{s.where('verify')}: expected true or false, got {type_name(verify)}")
     return TlsConfig(ca_file=ca_file, verify=verify)
 
 
@@ -499,7 +552,7 @@ def _parse_canary(raw: Any, where: str, base: Path, probe: ProbeConfig) -> Canar
     model = _check_name(s.get("model"), s.where("model"), "model name")
     version = s.string("version", "")
     if version and not version.isdigit():
-        raise ConfigError(f"{s.where('version')}: expected a version number or empty, got {version!r}")
+        raise ConfigError(f"{s.where('version')}: expected a version number or empty, got {brief(version)}")
     protocol, request = _parse_protocol(s)
     inputs_raw = s.get("inputs") if protocol == "infer" else []
     if protocol == "infer" and (not isinstance(inputs_raw, list) or not inputs_raw):
@@ -509,7 +562,7 @@ def _parse_canary(raw: Any, where: str, base: Path, probe: ProbeConfig) -> Canar
     for i, spec in enumerate(inputs):
         if spec.name in seen:
             raise ConfigError(
-                f"{where}.inputs[{i}].name: duplicate input {spec.name!r} (also inputs[{seen[spec.name]}])"
+                f"{where}.inputs[{i}].name: duplicate input {brief(spec.name)} (also inputs[{seen[spec.name]}])"
             )
         seen[spec.name] = i
     outputs: tuple[str, ...] | None = None
@@ -539,7 +592,7 @@ def _parse_canary(raw: Any, where: str, base: Path, probe: ProbeConfig) -> Canar
         raise ConfigError(f"{ls.where('drift')}: must be >= 1.0 (a multiple of the baseline median), got {drift:g}")
     window_raw = ls.get("window", LatencyConfig.window)
     if isinstance(window_raw, bool) or not isinstance(window_raw, int) or not 1 <= window_raw <= 1000:
-        raise ConfigError(f"{ls.where('window')}: expected an integer between 1 and 1000, got {window_raw!r}")
+        raise ConfigError(f"{ls.where('window')}: expected an integer between 1 and 1000, got {brief(window_raw)}")
     return CanaryConfig(
         name=name,
         model=model,
@@ -580,7 +633,7 @@ def _parse_protocol(s: _Section) -> tuple[str, dict[str, Any] | None]:
     if raw is None:
         raise ConfigError(f"{where}: required for protocol {protocol}")
     if not isinstance(raw, Mapping):
-        raise ConfigError(f"{where}: expected a mapping (the JSON body), got {_type_name(raw)}")
+        raise ConfigError(f"{where}: expected a mapping (the JSON body), got {type_name(raw)}")
     if not raw:
         raise ConfigError(f"{where}: must not be empty")
     request = _json_value(raw, where, 0)
@@ -611,7 +664,7 @@ def _json_value(v: Any, where: str, depth: int) -> Any:
             out[key] = _json_value(x, f"{where}.{_key(key)}", depth + 1)
         return out
     raise ConfigError(
-        f"{where}: expected a JSON value (string, number, boolean, null, list or mapping), got {_type_name(v)}"
+        f"{where}: expected a JSON value (string, number, boolean, null, list or mapping), got {type_name(v)}"
     )
 
 
@@ -649,14 +702,14 @@ def _parse_devices(raw: Any, where: str) -> tuple[str, ...] | None:
     if isinstance(raw, str):
         raw = [p.strip() for p in raw.split(",") if p.strip()]
     if not isinstance(raw, list) or not raw:
-        raise ConfigError(f"{where}: expected auto or a list of GPU-/MIG- UUIDs or indices, got {raw!r}")
+        raise ConfigError(f"{where}: expected auto or a list of GPU-/MIG- UUIDs or indices, got {brief(raw)}")
     out = []
     for i, d in enumerate(raw):
-        if isinstance(d, bool):
-            raise ConfigError(f"{where}[{i}]: expected a GPU-/MIG- UUID or an index, got {d!r}")
+        if isinstance(d, bool) or not isinstance(d, (int, str)):
+            raise ConfigError(f"{where}[{i}]: expected a GPU-/MIG- UUID or an index, got {brief(d)}")
         text = str(d)
         if not (text.isdigit() or text.startswith(("GPU-", "MIG-"))):
-            raise ConfigError(f"{where}[{i}]: expected a GPU-/MIG- UUID or an index, got {d!r}")
+            raise ConfigError(f"{where}[{i}]: expected a GPU-/MIG- UUID or an index, got {brief(d)}")
         out.append(text)
     return tuple(out)
 
@@ -681,7 +734,7 @@ def parse_config(raw: Any, path: Path) -> Config:
     reasons = ls.string("reasons", ListenConfig.reasons, choices=("everyone", "loopback"))
     port = ls.get("port", ListenConfig.port)
     if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port < 65536:
-        raise ConfigError(f"{ls.where('port')}: expected a port number 0-65535, got {port!r}")
+        raise ConfigError(f"{ls.where('port')}: expected a port number 0-65535, got {brief(port)}")
 
     ps = top.sub("probe", ("timeout", "min_interval", "interval", "drain", "hang_backoff"))
     probe = ProbeConfig(
@@ -712,7 +765,7 @@ def parse_config(raw: Any, path: Path) -> Config:
 
     golden_raw = top.get("golden_dir", str(Config.golden_dir))
     if not isinstance(golden_raw, str) or not golden_raw:
-        raise ConfigError(f"golden_dir: expected a directory path, got {golden_raw!r}")
+        raise ConfigError(f"golden_dir: expected a directory path, got {brief(golden_raw)}")
     # normpath, not resolve(): a ConfigMap file is a symlink into a timestamped directory the kubelet replaces
     # on every update; resolving it would pin golden_dir to a directory that later disappears.
     golden_dir = Path(os.path.normpath(base / golden_raw))
@@ -721,19 +774,19 @@ def parse_config(raw: Any, path: Path) -> Config:
     if canaries_raw is None:
         canaries_raw = []
     if not isinstance(canaries_raw, list):
-        raise ConfigError(f"canaries: expected a list, got {_type_name(canaries_raw)}")
+        raise ConfigError(f"canaries: expected a list, got {type_name(canaries_raw)}")
     canaries = []
     names: dict[str, int] = {}
     for i, c in enumerate(canaries_raw):
         canary = _parse_canary(c, f"canaries[{i}]", base, probe)
         if canary.name in names:
             raise ConfigError(
-                f"canaries[{i}].name: duplicate canary name {canary.name!r} (also canaries[{names[canary.name]}])"
+                f"canaries[{i}].name: duplicate canary name {brief(canary.name)} (also canaries[{names[canary.name]}])"
             )
         names[canary.name] = i
         golden = Path(os.path.normpath(golden_dir / f"{canary.name}.json"))
         if golden.parent != golden_dir:  # pragma: no cover - NAME_RE already prevents it; kept as a guard
-            raise ConfigError(f"canaries[{i}].name: {canary.name!r} would escape golden_dir")
+            raise ConfigError(f"canaries[{i}].name: {brief(canary.name)} would escape golden_dir")
         canaries.append(canary)
     return Config(
         path=path,
@@ -747,29 +800,124 @@ def parse_config(raw: Any, path: Path) -> Config:
     )
 
 
+# What a config file may make the probe read and build (see the README, "Configuration reference").
+CONFIG_MAX_BYTES = 1024**2
+YAML_MAX_DEPTH = 64
+YAML_ALIAS_MAX_VALUES = 10_000
+"""Aliases are allowed (an anchored input spec reused by several canaries), but all their uses together may add at
+most this many values to the document: a nine-level `&a [*a, *a, ...]` bomb adds 387 million."""
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+_YAML_LOADER: type[Any] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+def _trim(path: str) -> str:
+    """The key path of an alias use, up to its last key: `fill.data`, not `fill.data[0][3][1]`."""
+    cut = path
+    while cut.endswith("]") and "[" in cut and not cut.startswith("["):
+        cut = cut[: cut.rindex("[")]
+    return cut or path or "config"
+
+
+def check_yaml_nodes(root: yaml.Node) -> None:
+    """Checks on the YAML node graph, before anything is built from it: no duplicate key in a mapping, no alias
+    that contains itself, at most `YAML_MAX_DEPTH` levels, and aliases adding at most `YAML_ALIAS_MAX_VALUES`
+    values. Each node is walked once (an alias is the same node object as its anchor), so a bomb is refused in
+    microseconds, not expanded. Raises `ConfigError` naming the key path."""
+    walked: dict[int, tuple[int, int]] = {}  # id(node) -> (values it expands to, levels below it)
+    active: set[int] = set()
+    added = 0
+
+    def walk(node: yaml.Node, path: str, depth: int) -> tuple[int, int]:
+        nonlocal added
+        ident = id(node)
+        if ident in active:
+            raise ConfigError(f"{_trim(path)}: recursive YAML alias (a value that contains itself)")
+        seen = walked.get(ident)
+        if seen is not None:  # a second occurrence of a node is an alias: it expands to the whole value again
+            added += seen[0]
+            if added > YAML_ALIAS_MAX_VALUES:
+                raise ConfigError(f"{_trim(path)}: YAML aliases expand to more than {YAML_ALIAS_MAX_VALUES} values")
+            if depth + seen[1] > YAML_MAX_DEPTH:
+                raise ConfigError(f"{_trim(path)}: nested more than {YAML_MAX_DEPTH} levels deep")
+            return seen
+        if depth > YAML_MAX_DEPTH:
+            raise ConfigError(f"{_trim(path)}: nested more than {YAML_MAX_DEPTH} levels deep")
+        active.add(ident)
+        values, height = 1, 0
+        children: list[tuple[yaml.Node, str]] = []
+        if isinstance(node, yaml.MappingNode):
+            keys: set[tuple[str, str]] = set()
+            for k, v in node.value:
+                if k.tag == _MERGE_TAG:  # `<<: *defaults`: the merged keys land at this level
+                    children.append((v, path))
+                    continue
+                name = str(k.value) if isinstance(k, yaml.ScalarNode) else "?"
+                where = f"{path}.{_key(name)}" if path else _key(name)
+                if isinstance(k, yaml.ScalarNode):
+                    if (k.tag, k.value) in keys:
+                        raise ConfigError(f"{where}: duplicate key")
+                    keys.add((k.tag, k.value))
+                children += [(k, where), (v, where)]
+        elif isinstance(node, yaml.SequenceNode):
+            children = [(item, f"{path}[{i}]") for i, item in enumerate(node.value)]
+        for child, where in children:
+            n, h = walk(child, where, depth + 1)
+            values += n
+            height = max(height, h + 1)
+        active.discard(ident)
+        walked[ident] = (values, height)
+        return values, height
+
+    walk(root, "", 0)
+
+
+def _read_config(p: Path) -> str:
+    try:
+        with open(p, "rb") as f:
+            # A regular file over the cap is refused by its size, unread; a pipe by what it sends.
+            small = os.fstat(f.fileno()).st_size <= CONFIG_MAX_BYTES
+            data = f.read(CONFIG_MAX_BYTES + 1) if small else None
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: no such config file") from None
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read config: {e.strerror or e}") from None
+    if data is None or len(data) > CONFIG_MAX_BYTES:
+        raise ConfigError(f"{p}: config file is over the {format_bytes(CONFIG_MAX_BYTES)} cap; not read")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: cannot read config: not UTF-8 ({e.reason} at byte {e.start})") from None
+
+
 def load_config(path: str | Path) -> Config:
     """Read and validate a config file. Raises `ConfigError` with a one-line, key-path-first message."""
     p = Path(path)
+    text = _read_config(p)
+    loader = _YAML_LOADER(text)
     try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{p}: no such config file") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{p}: cannot read config: {e}") from None
-    try:
-        raw = yaml.safe_load(text)
+        node = loader.get_single_node()
+        if node is not None:
+            check_yaml_nodes(node)
+        raw = loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(e, "problem", None) or "invalid YAML"
-        raise ConfigError(f"{p}: invalid YAML{at}: {problem}") from None
+        raise ConfigError(f"{p}: invalid YAML{at}: {clip(str(problem))}") from None
     except RecursionError:
         raise ConfigError(f"{p}: invalid YAML: nested too deeply") from None
-    except ValueError as e:  # an integer beyond Python's 4300-digit conversion limit
-        raise ConfigError(f"{p}: invalid YAML: {e}") from None
+    except ValueError as e:  # ConfigError from the node checks, or an integer beyond Python's 4300 digits
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"{p}: invalid YAML: {clip(str(e))}") from None
+    finally:
+        loader.dispose()
     if raw is None:
         raw = {}
-    return parse_config(raw, Path(os.path.normpath(p.absolute())))
+    cfg = parse_config(raw, Path(os.path.normpath(p.absolute())))
+    if cfg.golden_dir.exists() and not cfg.golden_dir.is_dir():
+        raise ConfigError(f"golden_dir: {cfg.golden_dir} exists and is not a directory")
+    return cfg
 
 
 def derived_metrics_url(cfg: Config) -> str:

@@ -8,13 +8,17 @@ directory, fsync, rename), so a failed write leaves the previous file byte-ident
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import math
 import os
+import stat
 import tempfile
+import time
 import zipfile
-from collections.abc import Mapping
+import zlib
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,8 +26,8 @@ from typing import Any
 import numpy as np
 import xxhash
 
-from probe.config import CompareConfig
-from probe.tensors import DIGEST_PREFIX, digest
+from probe.config import CANARY_INPUT_MAX_BYTES, CompareConfig, brief, clip, finite, format_bytes, type_name
+from probe.tensors import DIGEST_PREFIX, NPY_HEADER_MAX, NUMPY_DTYPES, NpyHeaderError, digest, read_npy_header
 
 GOLDEN_FORMAT = 1
 
@@ -140,77 +144,157 @@ def describe_environment(env: Mapping[str, Any]) -> str:
 
 # ---------------------------------------------------------------------------------------------- reading
 
+# Caps on what a golden file may make the probe read (see the README, "Golden files"). A golden JSON holds digests,
+# not tensors: a few KiB per record, so 4 MiB is hundreds of records. The .npz cap is derived from the records.
+GOLDEN_MAX_BYTES = 4 * 1024**2
+TENSOR_MAX_BYTES = CANARY_INPUT_MAX_BYTES
+"""One stored golden tensor, as declared by its record; the same cap as a canary input."""
+TENSORS_MAX_BYTES = 256 * 1024**2
+"""All the tensors one golden file's records reference, together."""
+NPZ_SLACK_BYTES = 1024**2
+"""The .npz may be 2 x its referenced tensors + this: it also keeps the tensors of the record the last `record`
+replaced (written before the JSON, so a failed JSON write leaves a consistent pair), plus zip and npy headers."""
+MAX_RANK = 32
+MAX_DIM = 2**63 - 1  # Triton's dims are int64
+_TEXT_MAX = 256
+_HEX = frozenset("0123456789abcdef")
 
-def _require(obj: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
+
+def _text(v: Any, where: str, *, empty: bool = True) -> str:
+    """A string the probe prints in reasons: bounded and on one line."""
+    if not isinstance(v, str):
+        raise GoldenError(f"{where}: expected a string, got {type_name(v)}")
+    if len(v) > _TEXT_MAX or not v.isprintable() or (not empty and not v):
+        raise GoldenError(
+            f"{where}: expected a {'non-empty ' if not empty else ''}printable string of at most "
+            f"{_TEXT_MAX} characters, got {brief(v)}"
+        )
+    return v
+
+
+def _field(obj: Mapping[str, Any], key: str, where: str) -> Any:
     if key not in obj:
         raise GoldenError(f"{where}: missing field {key!r}")
-    v = obj[key]
-    if not isinstance(v, kind) or (isinstance(v, bool) and kind is not bool):
-        raise GoldenError(f"{where}: field {key!r} has the wrong type")
+    return obj[key]
+
+
+def _digest_field(v: Any, where: str) -> str:
+    if (
+        not isinstance(v, str)
+        or not v.startswith(DIGEST_PREFIX)
+        or len(v) != len(DIGEST_PREFIX) + 32
+        or not (set(v[len(DIGEST_PREFIX) :]) <= _HEX)
+    ):
+        raise GoldenError(f"{where}: expected {DIGEST_PREFIX} followed by 32 hex digits, got {brief(v)}")
     return v
+
+
+def _number(v: Any, where: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not finite(v) or v < 0:
+        raise GoldenError(f"{where}: expected a finite number >= 0, got {brief(v)}")
+    return float(v)
+
+
+def _shape(v: Any, where: str) -> tuple[int, ...]:
+    if not isinstance(v, list) or len(v) > MAX_RANK:
+        raise GoldenError(f"{where}: expected a list of at most {MAX_RANK} dimensions, got {brief(v)}")
+    for d in v:
+        if isinstance(d, bool) or not isinstance(d, int) or not 0 <= d <= MAX_DIM:
+            raise GoldenError(f"{where}: dimensions must be integers from 0 to 2^63-1, got {brief(d)}")
+    return tuple(v)
+
+
+def _environment(v: Any, where: str) -> dict[str, Any]:
+    """The fingerprint's fields the probe reads (to identify and to describe an environment) must have the types
+    the recorder writes: `gpus` a list of names, the versions strings or null."""
+    if not isinstance(v, dict):
+        raise GoldenError(f"{where}: expected an object, got {type_name(v)}")
+    gpus = v.get("gpus", [])
+    if not isinstance(gpus, list):
+        raise GoldenError(f"{where}.gpus: expected a list of GPU names, got {type_name(gpus)}")
+    for i, name in enumerate(gpus):
+        _text(name, f"{where}.gpus[{i}]")
+    for key in ENV_KEYS[1:]:
+        if v.get(key) is not None:
+            _text(v[key], f"{where}.{key}")
+    return v
+
+
+def _latency(v: Any, where: str) -> LatencyBaseline:
+    if not isinstance(v, dict):
+        raise GoldenError(f"{where}: expected an object, got {type_name(v)}")
+    runs = _field(v, "runs", where)
+    if isinstance(runs, bool) or not isinstance(runs, int) or runs < 0:
+        raise GoldenError(f"{where}.runs: expected an integer >= 0, got {brief(runs)}")
+    median = _number(_field(v, "median_ms", where), f"{where}.median_ms")
+    samples = v.get("samples_ms", [])
+    if not isinstance(samples, list):
+        raise GoldenError(f"{where}.samples_ms: expected a list of numbers, got {type_name(samples)}")
+    return LatencyBaseline(
+        runs=runs,
+        median_ms=median,
+        min_ms=_number(v.get("min_ms", median), f"{where}.min_ms"),
+        max_ms=_number(v.get("max_ms", median), f"{where}.max_ms"),
+        samples_ms=tuple(_number(x, f"{where}.samples_ms[{i}]") for i, x in enumerate(samples)),
+    )
 
 
 def _parse_record(raw: Any, where: str) -> Record:
     if not isinstance(raw, dict):
-        raise GoldenError(f"{where}: expected an object")
-    outs_raw = _require(raw, "outputs", dict, where)
+        raise GoldenError(f"{where}: expected an object, got {type_name(raw)}")
+    outs_raw = _field(raw, "outputs", where)
+    if not isinstance(outs_raw, dict):
+        raise GoldenError(f"{where}.outputs: expected an object, got {type_name(outs_raw)}")
     outputs = {}
     for name, o in outs_raw.items():
-        ow = f"{where}.outputs.{name if str(name).isprintable() else repr(name)}"
+        _text(name, f"{where}.outputs: output name", empty=False)
+        ow = f"{where}.outputs.{name}"
         if not isinstance(o, dict):
-            raise GoldenError(f"{ow}: expected an object")
-        shape = _require(o, "shape", list, ow)
-        if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-            raise GoldenError(f"{ow}: shape must be a list of non-negative integers")
-        dg = _require(o, "digest", str, ow)
-        if not dg.startswith(DIGEST_PREFIX) or len(dg) != len(DIGEST_PREFIX) + 32:
-            raise GoldenError(f"{ow}: digest must be {DIGEST_PREFIX} followed by 32 hex digits")
-        outputs[str(name)] = OutputGolden(_require(o, "datatype", str, ow), tuple(shape), dg)
+            raise GoldenError(f"{ow}: expected an object, got {type_name(o)}")
+        datatype = _field(o, "datatype", ow)
+        if not isinstance(datatype, str) or datatype not in NUMPY_DTYPES:
+            raise GoldenError(f"{ow}.datatype: expected a Triton datatype, got {brief(datatype)}")
+        shape = _shape(_field(o, "shape", ow), f"{ow}.shape")
+        outputs[name] = OutputGolden(datatype, shape, _digest_field(_field(o, "digest", ow), f"{ow}.digest"))
     if not outputs:
         raise GoldenError(f"{where}: no outputs")
-    lat = _require(raw, "latency", dict, where)
-    try:
-        latency = LatencyBaseline(
-            runs=int(lat["runs"]),
-            median_ms=float(lat["median_ms"]),
-            min_ms=float(lat.get("min_ms", lat["median_ms"])),
-            max_ms=float(lat.get("max_ms", lat["median_ms"])),
-            samples_ms=tuple(float(x) for x in lat.get("samples_ms", ())),
-        )
-    except (KeyError, TypeError, ValueError, OverflowError):
-        raise GoldenError(f"{where}.latency: expected runs and median_ms numbers") from None
-    if not math.isfinite(latency.median_ms) or latency.median_ms < 0:
-        raise GoldenError(f"{where}.latency.median_ms: must be a finite number >= 0")
-    env = _require(raw, "environment", dict, where)
+    latency = _latency(_field(raw, "latency", where), f"{where}.latency")
+    env = _environment(_field(raw, "environment", where), f"{where}.environment")
+    tensors = raw.get("tensors", False)
+    if not isinstance(tensors, bool):
+        raise GoldenError(f"{where}.tensors: expected true or false, got {brief(tensors)}")
     return Record(
         environment=env,
-        recorded_at=str(raw.get("recorded_at", "")),
-        tool_version=str(raw.get("tool_version", "")),
+        recorded_at=_text(raw.get("recorded_at", ""), f"{where}.recorded_at"),
+        tool_version=_text(raw.get("tool_version", ""), f"{where}.tool_version"),
         outputs=outputs,
         latency=latency,
-        tensors=bool(raw.get("tensors", False)),
+        tensors=tensors,
     )
 
 
 def parse_golden(raw: Any, path: Path) -> Golden:
+    """A `Golden` from decoded JSON, every field the probe reads checked for its type. Raises `GoldenError`."""
     where = str(path)
     if not isinstance(raw, dict):
         raise GoldenError(f"{where}: corrupt golden file: expected a JSON object")
     fmt = raw.get("format")
-    if fmt != GOLDEN_FORMAT:
-        raise GoldenError(f"{where}: unsupported golden format {fmt!r} (this probe reads format {GOLDEN_FORMAT})")
-    records_raw = _require(raw, "records", list, where)
+    if fmt != GOLDEN_FORMAT or isinstance(fmt, bool):
+        raise GoldenError(f"{where}: unsupported golden format {brief(fmt)} (this probe reads format {GOLDEN_FORMAT})")
+    records_raw = _field(raw, "records", where)
+    if not isinstance(records_raw, list):
+        raise GoldenError(f"{where}: records: expected a list, got {type_name(records_raw)}")
     if not records_raw:
         raise GoldenError(f"{where}: holds no records; run `probe record`")
     records = tuple(_parse_record(r, f"{where}: records[{i}]") for i, r in enumerate(records_raw))
-    mode = _require(raw, "compare", str, where)
+    mode = _field(raw, "compare", where)
     if mode not in ("exact", "tolerance"):
-        raise GoldenError(f"{where}: compare must be exact or tolerance, got {mode!r}")
+        raise GoldenError(f"{where}: compare: expected exact or tolerance, got {brief(mode)}")
     return Golden(
-        canary=_require(raw, "canary", str, where),
-        model=_require(raw, "model", str, where),
-        version=str(raw.get("version", "")),
-        input_digest=_require(raw, "input_digest", str, where),
+        canary=_text(_field(raw, "canary", where), f"{where}: canary", empty=False),
+        model=_text(_field(raw, "model", where), f"{where}: model", empty=False),
+        version=_text(raw.get("version", ""), f"{where}: version"),
+        input_digest=_digest_field(_field(raw, "input_digest", where), f"{where}: input_digest"),
         compare_mode=mode,
         records=records,
     )
@@ -220,50 +304,176 @@ def tensors_path(path: Path) -> Path:
     return path.with_suffix(".npz")
 
 
-def load_golden(path: Path) -> Golden:
-    """Read and validate a golden file (and its .npz when records carry tensors). Raises `GoldenError`."""
+def _open_capped(path: Path, cap: int, what: str, why: str) -> io.BufferedReader:
+    """Open a regular file no larger than `cap` bytes; anything else is a `GoldenError`, raised before a byte of
+    it is read. O_NONBLOCK: a FIFO put where a golden file should be must not hang the loader."""
     try:
-        text = path.read_text(encoding="utf-8")
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise
+    except NotADirectoryError:
+        raise GoldenError(f"golden_dir {path.parent}: is not a directory") from None
+    except OSError as e:
+        raise GoldenError(f"{path}: cannot read {what}: {e.strerror or e}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise GoldenError(f"{path}: {what} is not a regular file")
+        if st.st_size > cap:
+            raise GoldenError(f"{path}: {what} is {format_bytes(st.st_size)}, over {why}; not read")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def load_golden(path: Path) -> Golden:
+    """Read and validate a golden file (and its .npz when records carry tensors). Raises `GoldenError`.
+
+    Bounded: a JSON file over `GOLDEN_MAX_BYTES`, or an .npz over its derived cap, is refused unread; of the .npz
+    only the members the records reference are read, each after its header matched the record.
+    """
+    try:
+        f = _open_capped(
+            path, GOLDEN_MAX_BYTES, "golden file", f"the {format_bytes(GOLDEN_MAX_BYTES)} cap on a golden file"
+        )
     except FileNotFoundError:
         raise GoldenError(f"{path}: golden file missing; record it with `probe record`") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise GoldenError(f"{path}: cannot read golden file: {e}") from None
     try:
-        raw = json.loads(text)
+        with f:
+            data = f.read(GOLDEN_MAX_BYTES + 1)
+        if len(data) > GOLDEN_MAX_BYTES:  # it grew after the size check
+            raise GoldenError(f"{path}: golden file is over its {format_bytes(GOLDEN_MAX_BYTES)} cap; not read")
+        raw = json.loads(data.decode("utf-8"))
+    except OSError as e:
+        raise GoldenError(f"{path}: cannot read golden file: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise GoldenError(f"{path}: corrupt golden file: not UTF-8 ({e.reason} at byte {e.start})") from None
     except (ValueError, RecursionError) as e:  # ValueError: JSONDecodeError, or an int beyond 4300 digits
-        raise GoldenError(f"{path}: corrupt golden file: {e}") from None
+        raise GoldenError(f"{path}: corrupt golden file: {clip(str(e))}") from None
     golden = parse_golden(raw, path)
     if any(r.tensors for r in golden.records):
         golden = _with_tensors(golden, path)
     return golden
 
 
+def _tensor_bytes(out: OutputGolden) -> int:
+    return math.prod(out.shape) * NUMPY_DTYPES[out.datatype].itemsize
+
+
 def _with_tensors(golden: Golden, path: Path) -> Golden:
     npz = tensors_path(path)
+    wanted: dict[str, tuple[str, OutputGolden, Record]] = {}
+    for i, rec in enumerate(golden.records):
+        if not rec.tensors:
+            continue
+        for name, out in rec.outputs.items():
+            if out.datatype in EXACT_ONLY:
+                continue
+            size = _tensor_bytes(out)
+            if size > TENSOR_MAX_BYTES:
+                raise GoldenError(
+                    f"{path}: records[{i}].outputs.{name}: a stored tensor of shape {list(out.shape)} "
+                    f"{out.datatype} is {format_bytes(size)}, over the {format_bytes(TENSOR_MAX_BYTES)} cap"
+                )
+            wanted[f"{rec.record_id}/{name}"] = (name, out, rec)
+    total = sum(_tensor_bytes(out) for _, out, _ in wanted.values())
+    if total > TENSORS_MAX_BYTES:
+        raise GoldenError(
+            f"{path}: its records' tensors are {format_bytes(total)} together, over the "
+            f"{format_bytes(TENSORS_MAX_BYTES)} cap"
+        )
+    cap = 2 * total + NPZ_SLACK_BYTES
+    why = f"its {format_bytes(cap)} cap (2 x the {format_bytes(total)} of tensors its records reference, + 1.0MiB)"
     try:
-        with np.load(npz, allow_pickle=False) as data:
-            tensors = {k: data[k] for k in data.files}
+        f = _open_capped(npz, cap, "golden tensors file", why)
     except FileNotFoundError:
         raise GoldenError(f"{npz}: golden tensors missing (tolerance mode needs them); re-record") from None
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
-        raise GoldenError(f"{npz}: corrupt golden tensors: {e}") from None
-    for rec in golden.records:
-        if rec.tensors:
-            for name, out in rec.outputs.items():
-                if out.datatype not in EXACT_ONLY and f"{rec.record_id}/{name}" not in tensors:
-                    raise GoldenError(f"{npz}: no tensor for output {name} of the record from {rec.recorded_at}")
+    tensors: dict[str, np.ndarray[Any, Any]] = {}
+    try:
+        with f, zipfile.ZipFile(f) as zf:
+            for key, (name, out, rec) in wanted.items():
+                tensors[key] = _read_member(
+                    zf, key, out, f"{npz}: tensor for output {name} of the record from {rec.recorded_at or '?'}"
+                )
+    except GoldenError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError, RuntimeError) as e:
+        raise GoldenError(f"{npz}: corrupt golden tensors: {clip(str(e))}") from None
     return Golden(**{**golden.__dict__, "tensors": tensors})
+
+
+def _read_member(zf: zipfile.ZipFile, key: str, out: OutputGolden, where: str) -> np.ndarray[Any, Any]:
+    """One npz member, read only once its npy header declares the record's shape and datatype (no pickles)."""
+    try:
+        info = zf.getinfo(f"{key}.npy")
+    except KeyError:
+        raise GoldenError(f"{where}: missing; re-record") from None
+    expected = NUMPY_DTYPES[out.datatype]
+    nbytes = _tensor_bytes(out)
+    if info.file_size > nbytes + NPY_HEADER_MAX:
+        raise GoldenError(
+            f"{where}: its member is {format_bytes(info.file_size)} uncompressed; the record's shape "
+            f"{list(out.shape)} {out.datatype} needs {format_bytes(nbytes)}; not read"
+        )
+    with zf.open(info) as member:
+        try:
+            shape, fortran, dtype = read_npy_header(member)
+        except NpyHeaderError as e:
+            raise GoldenError(f"{where}: {e}") from None
+        if dtype.hasobject:
+            raise GoldenError(f"{where}: holds Python objects (dtype {dtype}); pickles are refused")
+        if tuple(shape) != out.shape or dtype not in (expected, expected.newbyteorder(">")):
+            raise GoldenError(
+                f"{where}: declares shape {brief(list(shape))} dtype {dtype}, but the record says "
+                f"{list(out.shape)} {out.datatype} ({expected}); not read"
+            )
+        data = member.read(nbytes + 1)
+    if len(data) != nbytes:
+        raise GoldenError(f"{where}: holds {len(data)} bytes of data, {nbytes} declared")
+    return np.frombuffer(data, dtype=dtype).reshape(out.shape, order="F" if fortran else "C")
 
 
 # ---------------------------------------------------------------------------------------------- writing
 
 
+def _umask() -> int:
+    """The process umask, read without changing it (os.umask sets it, racing other threads creating files)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # pragma: no cover - Linux before 4.7, or no /proc
+    os.umask(mask)  # pragma: no cover
+    return mask  # pragma: no cover
+
+
+def ensure_golden_dir(directory: Path) -> None:
+    """Create golden_dir if needed; a `GoldenError` naming it when it cannot be (a file there, no permission)."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise GoldenError(f"golden_dir {directory}: exists and is not a directory") from None
+    except NotADirectoryError:
+        raise GoldenError(f"golden_dir {directory}: a parent of it is not a directory") from None
+    except OSError as e:
+        raise GoldenError(f"golden_dir {directory}: cannot create it: {e.strerror or e}") from None
+
+
 def _atomic_write(path: Path, data: bytes) -> None:
-    """Write to a temp file beside `path`, fsync, rename. On any failure the old file is untouched."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write to a temp file beside `path`, fsync, rename. On any failure the old file is untouched.
+
+    The file gets mode 0666 less the umask (0644 usually), as `open()` would give it: mkstemp's 0600 would keep
+    a sidecar running as another user (a hostPath or PVC mount, an image built as root) from reading it.
+    """
+    ensure_golden_dir(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -443,3 +653,79 @@ def check_golden_for(golden: Golden, canary_name: str, input_digest: str, mode: 
         )
     if mode == "tolerance" and not any(r.tensors for r in golden.records):
         raise GoldenError(f"{path}: recorded in exact mode without tensors; re-record for tolerance mode")
+
+
+# ---------------------------------------------------------------------------------------------- the store
+
+
+class GoldenStore:
+    """The canary's golden file, re-read when it changes on disk (a ConfigMap update needs no restart).
+
+    Loading happens on a worker thread, at most one load at a time per store (a second caller awaits the same
+    load), so a large or hostile file never stalls the event loop. A load that fails, for whatever reason, leaves
+    no golden behind: every later call reports that failure until the files change and load.
+    """
+
+    # Looking at the files at most this often: a ConfigMap update takes the kubelet far longer to propagate.
+    RECHECK_S = 1.0
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        loader: Callable[[Path], Golden] | None = None,
+    ) -> None:
+        self.path = path
+        self._npz = tensors_path(path)
+        self._clock = clock
+        self._loader = loader or load_golden
+        self._checked_at = -math.inf
+        self._stamp: tuple[int, ...] | None = None
+        self._golden: Golden | None = None
+        self._error: str | None = None
+        self._loading: asyncio.Future[None] | None = None
+
+    async def current(self) -> Golden:
+        """The golden as the files are now. Raises `GoldenError` with the reason they cannot be used."""
+        now = self._clock()
+        if self._loading is None and (self._stamp is None or now - self._checked_at >= self.RECHECK_S):
+            self._checked_at = now
+            # Inode and ctime too: a replaced file (new inode) or one rewritten in place (new ctime) is noticed
+            # even when it kept its size and mtime (cp -p, rsync -t, tar, two writes within one timestamp tick).
+            stamp = _stamp(self.path) + _stamp(self._npz)
+            if stamp != self._stamp:
+                self._loading = asyncio.ensure_future(self._load(stamp))
+        if self._loading is not None:
+            # Shielded: a caller cancelled by its deadline leaves the load running for the next caller.
+            await asyncio.shield(self._loading)
+        if self._golden is None:
+            raise GoldenError(self._error or f"{self.path}: golden file missing")
+        return self._golden
+
+    def cached(self) -> Golden | None:
+        """The golden the last load produced; None before one, or while the files fail to load. Never reads."""
+        return self._golden
+
+    async def _load(self, stamp: tuple[int, ...]) -> None:
+        golden: Golden | None = None
+        try:
+            golden, error = await asyncio.to_thread(self._loader, self.path), None
+        except GoldenError as e:
+            error = str(e)
+        except Exception as e:  # exhausted memory, or a bug: a reason all the same, never the old golden kept
+            error = f"{self.path}: cannot load golden file: {type(e).__name__}: {clip(str(e))}"
+        finally:
+            self._loading = None
+        # The stamp taken before the load: a change during it is seen at the next look and loaded again.
+        self._stamp, self._golden, self._error = stamp, golden, error
+
+
+def _stamp(path: Path) -> tuple[int, int, int, int]:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return (0, 0, 0, 0)
+    except OSError as e:  # golden_dir not a directory, no permission: the loader says which
+        return (-1, e.errno or 0, 0, 0)
+    return (st.st_ino, st.st_ctime_ns, st.st_mtime_ns, st.st_size)

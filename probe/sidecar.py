@@ -18,11 +18,12 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from probe.checks.base import Check, InstantCheck
-from probe.checks.canary import CanaryCheck, GoldenStore
+from probe.checks.canary import CanaryCheck
 from probe.checks.lifecycle import Lifecycle, PingCheck, ShutdownCheck
 from probe.checks.triton import TritonCheck
 from probe.config import Config, derived_metrics_url
 from probe.environment import EnvironmentProbe
+from probe.golden import GoldenStore
 from probe.gpu import GpuSampler
 from probe.liveness import Liveness
 from probe.logs import StateLogger

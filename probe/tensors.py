@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import functools
 import math
+import os
+import stat
 import struct
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import xxhash
 
-from probe.config import CanaryConfig, InputSpec
+from probe.config import CANARY_INPUT_MAX_BYTES, CanaryConfig, InputSpec, clip, format_bytes
 
 DIGEST_PREFIX = "xxh3_128:"
 _MAGIC = b"probe-tensor-v1\0"
@@ -41,6 +44,33 @@ NUMPY_DTYPES: dict[str, np.dtype[Any]] = {
 
 class InputError(ValueError):
     """A canary input cannot be built (unreadable .npy, wrong shape, value out of range)."""
+
+
+class NpyHeaderError(ValueError):
+    """An .npy header that cannot be read: not npy, an unknown version, or a header beyond `NPY_HEADER_MAX`."""
+
+
+NPY_HEADER_MAX = 10_000
+"""numpy's own default bound on an .npy header (the magic, the length and the dict describing the array)."""
+_NPY_FORMAT: Any = np.lib.format  # untyped in numpy's stubs
+
+
+def read_npy_header(f: Any) -> tuple[tuple[int, ...], bool, np.dtype[Any]]:
+    """Shape, Fortran order and dtype from the header of an .npy stream, reading nothing of its data: what it
+    declares can then be checked before a byte of it is read (or allocated)."""
+    try:
+        version = _NPY_FORMAT.read_magic(f)
+        if version == (1, 0):
+            shape, fortran, dtype = _NPY_FORMAT.read_array_header_1_0(f, max_header_size=NPY_HEADER_MAX)
+        elif version == (2, 0):
+            shape, fortran, dtype = _NPY_FORMAT.read_array_header_2_0(f, max_header_size=NPY_HEADER_MAX)
+        else:
+            raise NpyHeaderError(f"npy format version {version[0]}.{version[1]} is not read")
+    except NpyHeaderError:
+        raise
+    except (ValueError, EOFError, SyntaxError, TypeError) as e:
+        raise NpyHeaderError(f"not a readable npy header: {clip(str(e))}") from None
+    return tuple(int(d) for d in shape), bool(fortran), np.dtype(dtype)
 
 
 def triton_datatype(arr: np.ndarray[Any, Any]) -> str:
@@ -129,6 +159,43 @@ def _cast(values: np.ndarray[Any, Any], spec: InputSpec) -> np.ndarray[Any, Any]
         raise InputError(f"input {spec.name}: cannot convert to {spec.datatype}: {e}") from None
 
 
+def _load_npy(spec: InputSpec, path: Path) -> np.ndarray[Any, Any]:
+    """The .npy of a `fill: {file: ...}` input, read only once its header declares the config's shape and at most
+    twice the canary input cap (a float64 file for an FP32 input); no pickles."""
+    try:
+        # O_NONBLOCK: a FIFO there must not hang the probe; the regular-file check then refuses it.
+        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise InputError(f"input {spec.name}: {path} is not a regular file")
+            try:
+                shape, _, dtype = read_npy_header(f)
+            except NpyHeaderError as e:
+                raise InputError(f"input {spec.name}: cannot read {path}: {e}") from None
+            if dtype.hasobject:
+                raise InputError(f"input {spec.name}: {path} holds Python objects (dtype {dtype}); pickles are refused")
+            if shape != spec.shape:
+                raise InputError(f"input {spec.name}: {path} has shape {list(shape)}, config says {list(spec.shape)}")
+            nbytes = math.prod(shape) * dtype.itemsize
+            if nbytes > 2 * CANARY_INPUT_MAX_BYTES:
+                raise InputError(
+                    f"input {spec.name}: {path} holds {format_bytes(nbytes)} ({dtype}), over twice the "
+                    f"{format_bytes(CANARY_INPUT_MAX_BYTES)} cap on a canary input"
+                )
+            f.seek(0)
+            loaded = _NPY_FORMAT.read_array(f, allow_pickle=False)
+    except InputError:
+        raise
+    except FileNotFoundError:
+        raise InputError(f"input {spec.name}: file {path} not found") from None
+    except OSError as e:
+        raise InputError(f"input {spec.name}: cannot read {path}: {e.strerror or e}") from None
+    except (ValueError, EOFError) as e:
+        raise InputError(f"input {spec.name}: cannot read {path}: {clip(str(e))}") from None
+    if not isinstance(loaded, np.ndarray) or tuple(loaded.shape) != spec.shape:
+        raise InputError(f"input {spec.name}: {path} is not a single .npy array of shape {list(spec.shape)}")
+    return loaded
+
+
 def build_input(spec: InputSpec) -> np.ndarray[Any, Any]:
     """The fixed tensor for one input spec. Raises `InputError` with a one-line reason."""
     shape = spec.shape
@@ -164,19 +231,7 @@ def build_input(spec: InputSpec) -> np.ndarray[Any, Any]:
         return rng.integers(max(int(info.min), -128), hi, size=shape).astype(dt)
     if spec.fill == "file":
         assert spec.file is not None
-        try:
-            loaded = np.load(spec.file, allow_pickle=False)
-        except FileNotFoundError:
-            raise InputError(f"input {spec.name}: file {spec.file} not found") from None
-        except (OSError, ValueError) as e:
-            raise InputError(f"input {spec.name}: cannot read {spec.file}: {e}") from None
-        if not isinstance(loaded, np.ndarray):
-            raise InputError(f"input {spec.name}: {spec.file} is not a single .npy array")
-        if tuple(loaded.shape) != shape:
-            raise InputError(
-                f"input {spec.name}: {spec.file} has shape {list(loaded.shape)}, config says {list(shape)}"
-            )
-        return _cast(loaded, spec)
+        return _cast(_load_npy(spec, spec.file), spec)
     raise InputError(f"input {spec.name}: unknown fill {spec.fill!r}")  # pragma: no cover - config prevents it
 
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from probe.config import ConfigError, format_bytes, load_config, parse_size
-from tests.helpers import run_cli
+from probe.config import CONFIG_MAX_BYTES, ConfigError, format_bytes, load_config, parse_size
+from tests.helpers import REPO, run_cli
+from tests.hostile import describe, run_measured
 
 TESTDATA = Path(__file__).parent / "testdata" / "config"
 INVALID = sorted(TESTDATA.glob("*.yaml"))
@@ -137,3 +139,80 @@ def test_configmap_symlinks_are_not_resolved(tmp_path: Path) -> None:
     (tmp_path / "probe.yaml").symlink_to("..data/probe.yaml")
     cfg = load_config(tmp_path / "probe.yaml")
     assert cfg.golden_dir == tmp_path
+
+
+# ---------------------------------------------------------------------------------------------- hostile YAML
+
+
+@pytest.mark.parametrize("name", ["alias_bomb_data", "alias_bomb_shape", "alias_bomb_devices"])
+def test_alias_bomb_is_refused_fast_in_one_line_with_little_memory(name: str) -> None:
+    """Nine levels of `&aN [*aN-1 x 9]` (441 bytes) in fill.data, shape or gpu.devices: walked once, never
+    expanded (it took > 40 s and 2.4-2.8 GB, or died with a bare traceback under a memory limit)."""
+    path = TESTDATA / f"{name}.yaml"
+    m = run_measured("validate", "-c", str(path), timeout=60)
+    assert m.returncode == 1
+    assert m.stderr.splitlines() == [f"probe: config error: {expected_message(path)}"]
+    assert m.seconds < 10, describe(m)
+    assert m.peak_rss < 200 * 2**20, describe(m)
+
+
+def test_aliases_and_merge_keys_within_the_bound_are_fine(tmp_path: Path) -> None:
+    (tmp_path / "p.yaml").write_text(
+        "gpu: {source: none}\n"
+        "canaries:\n"
+        "  - &base\n"
+        "    name: a\n"
+        "    model: m\n"
+        "    inputs: [&x {name: X, datatype: FP32, shape: [4], fill: {data: &d [1, 2, 3, 4]}}]\n"
+        "  - <<: *base\n"
+        "    name: b\n"  # overrides the merged name: not a duplicate key
+        "    inputs: [*x, {name: Y, datatype: FP32, shape: [4], fill: {data: *d}}]\n"
+    )
+    cfg = load_config(tmp_path / "p.yaml")
+    assert [c.name for c in cfg.canaries] == ["a", "b"]
+    assert [i.data for i in cfg.canaries[1].inputs] == [[1, 2, 3, 4], [1, 2, 3, 4]]
+
+
+def test_config_over_the_size_cap_is_not_read(tmp_path: Path) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text("# " + "x" * CONFIG_MAX_BYTES + "\n")
+    with pytest.raises(ConfigError, match=r"p\.yaml: config file is over the 1\.0MiB cap; not read$"):
+        load_config(path)
+
+
+def test_golden_dir_that_is_a_file_is_a_config_error(tmp_path: Path) -> None:
+    (tmp_path / "golden").write_text("not a directory\n")
+    (tmp_path / "p.yaml").write_text("golden_dir: golden\n")
+    proc = run_cli("validate", "--config-only", "-c", str(tmp_path / "p.yaml"))
+    assert proc.returncode == 1
+    assert proc.stderr == f"probe: config error: golden_dir: {tmp_path / 'golden'} exists and is not a directory\n"
+
+
+# ---------------------------------------------------------------------------------------------- validate --config-only
+
+
+@pytest.mark.parametrize("config", ["probe.yaml", "demo.yaml"])
+def test_validate_config_only_passes_the_shipped_configs_before_anything_is_recorded(config: str) -> None:
+    path = REPO / "configs" / config
+    proc = run_cli("validate", "--config-only", "-c", str(path))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == f"ok: {path}: 1 canary, config valid (golden files not checked)\n"
+    assert proc.stderr == ""
+
+
+def test_validate_config_only_still_checks_inputs_but_not_goldens(tmp_path: Path) -> None:
+    (tmp_path / "p.yaml").write_text(
+        "canaries:\n  - {name: a, model: m, inputs: [{name: X, datatype: FP32, shape: [2], fill: {file: x.npy}}]}\n"
+    )
+    proc = run_cli("validate", "--config-only", "-c", str(tmp_path / "p.yaml"))
+    assert (proc.returncode, proc.stderr) == (1, f"probe: canary a: input X: file {tmp_path / 'x.npy'} not found\n")
+    np.save(tmp_path / "x.npy", np.zeros(2, dtype=np.float32))
+    assert run_cli("validate", "--config-only", "-c", str(tmp_path / "p.yaml")).returncode == 0
+    full = run_cli("validate", "-c", str(tmp_path / "p.yaml"))
+    assert full.returncode == 1 and "golden file missing" in full.stderr
+
+
+def test_validate_help_describes_config_only_and_the_exit_codes() -> None:
+    proc = run_cli("validate", "--help")
+    assert proc.returncode == 0
+    assert "--config-only" in proc.stdout and "Exit 0: valid; 1: invalid" in proc.stdout

@@ -5,15 +5,23 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shutil
+import stat
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from probe.config import CompareConfig
 from probe.golden import (
+    ENV_KEYS,
     Comparison,
     Golden,
     GoldenError,
@@ -23,10 +31,13 @@ from probe.golden import (
     check_golden_for,
     compare_outputs,
     explain_mismatch,
+    golden_to_json,
     load_golden,
+    parse_golden,
     write_golden,
 )
 from probe.tensors import digest
+from tests.helpers import run_cli
 
 ENV_A = {
     "gpus": ["NVIDIA A100-SXM4-80GB"],
@@ -186,3 +197,138 @@ def test_tolerance_accepts_small_drift_and_rejects_large() -> None:
         large.reason.startswith("output y max abs error 0.01")
         and "exceeds tolerance rtol 1e-05 atol 1e-06" in large.reason
     )
+
+
+# ---------------------------------------------------------------------------------------------- file modes
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A directory another user can enter (pytest's tmp_path is under a 0700 directory of root's)."""
+    d = Path(tempfile.mkdtemp(prefix="probe-golden-mode-"))
+    d.chmod(0o755)
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_golden_files_get_0666_less_the_umask_not_mkstemps_0600(shared_dir: Path, umask: int) -> None:
+    rec = record(ENV_A, probs(), tensors=True)
+    old = os.umask(umask)
+    try:
+        write_golden(shared_dir / "c.json", golden(rec, mode="tolerance", tensors={f"{rec.record_id}/y": probs()}))
+    finally:
+        os.umask(old)
+    for name in ("c.json", "c.npz"):
+        assert stat.S_IMODE((shared_dir / name).stat().st_mode) == 0o666 & ~umask, name
+
+
+def test_a_sidecar_running_as_another_user_can_read_the_golden(shared_dir: Path) -> None:
+    """The image runs as non-root; golden files recorded by root onto a hostPath or PVC must stay readable."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root, to write as root and read as nobody")
+    if shutil.which("setpriv") is None:
+        pytest.skip("needs setpriv (util-linux) to run a reader as nobody")
+    old = os.umask(0o022)
+    try:
+        write_golden(shared_dir / "c.json", golden(record(ENV_A, probs())))
+    finally:
+        os.umask(old)
+    nobody = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--"]
+    proc = subprocess.run([*nobody, "cat", str(shared_dir / "c.json")], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["canary"] == "c"
+
+
+def test_golden_dir_that_is_a_file_is_one_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "golden").write_text("a file\n")
+    with pytest.raises(GoldenError) as e:
+        write_golden(tmp_path / "golden" / "c.json", golden(record(ENV_A, probs())))
+    assert str(e.value) == f"golden_dir {tmp_path / 'golden'}: exists and is not a directory"
+    with pytest.raises(GoldenError) as e:
+        load_golden(tmp_path / "golden" / "c.json")
+    assert str(e.value) == f"golden_dir {tmp_path / 'golden'}: is not a directory"
+
+
+# ---------------------------------------------------------------------------------------------- field types
+
+
+def _raw_golden(tmp_path: Path) -> dict[str, Any]:
+    write_golden(tmp_path / "c.json", golden(record(ENV_A, probs())))
+    raw: dict[str, Any] = json.loads((tmp_path / "c.json").read_text())
+    return raw
+
+
+MISTYPED: list[tuple[tuple[str, ...], Any, str]] = [
+    (("environment", "gpus"), -1, "records[0].environment.gpus: expected a list of GPU names, got integer"),
+    (("environment", "gpus"), [1], "records[0].environment.gpus[0]: expected a string, got integer"),
+    (("environment", "driver"), 535, "records[0].environment.driver: expected a string, got integer"),
+    (("environment", "triton"), ["2.51"], "records[0].environment.triton: expected a string, got list"),
+    (("environment",), [], "records[0].environment: expected an object, got list"),
+    (("recorded_at",), {"at": 1}, "records[0].recorded_at: expected a string, got mapping"),
+    (("tensors",), "yes", "records[0].tensors: expected true or false, got 'yes'"),
+    (("latency", "runs"), "3", "records[0].latency.runs: expected an integer >= 0, got '3'"),
+    (("latency", "median_ms"), True, "records[0].latency.median_ms: expected a finite number >= 0, got True"),
+    (("latency", "samples_ms"), [1, "x"], "records[0].latency.samples_ms[1]: expected a finite number >= 0"),
+    (("outputs", "y", "datatype"), 7, "records[0].outputs.y.datatype: expected a Triton datatype, got 7"),
+    (("outputs", "y", "shape"), [1, -10], "records[0].outputs.y.shape: dimensions must be integers from 0"),
+    (("outputs", "y", "digest"), "xxh3_128:" + "z" * 32, "records[0].outputs.y.digest: expected xxh3_128:"),
+]
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"), MISTYPED, ids=[f"{'.'.join(f)}={json.dumps(v)}" for f, v, _ in MISTYPED]
+)
+def test_every_field_the_probe_reads_is_type_checked(
+    tmp_path: Path, field: tuple[str, ...], value: Any, message: str
+) -> None:
+    """`gpus: -1` passed validate, then made the mismatch path raise TypeError (`internal error`)."""
+    raw = _raw_golden(tmp_path)
+    target = raw["records"][0]
+    for key in field[:-1]:
+        target = target[key]
+    target[field[-1]] = value
+    (tmp_path / "c.json").write_text(json.dumps(raw))
+    with pytest.raises(GoldenError) as e:
+        load_golden(tmp_path / "c.json")
+    assert str(e.value).startswith(f"{tmp_path / 'c.json'}: {message}"), str(e.value)
+
+
+def test_validate_names_the_mistyped_environment_field(tmp_path: Path) -> None:
+    (tmp_path / "p.yaml").write_text(
+        "canaries:\n  - {name: c, model: m, inputs: [{name: X, datatype: FP32, shape: [2], fill: zeros}]}\n"
+    )
+    (tmp_path / "golden").mkdir()
+    raw = _raw_golden(tmp_path / "golden")
+    raw["records"][0]["environment"]["gpus"] = -1
+    (tmp_path / "golden" / "c.json").write_text(json.dumps(raw))
+    proc = run_cli("validate", "-c", str(tmp_path / "p.yaml"))
+    assert proc.returncode == 1
+    assert proc.stderr == (
+        f"probe: golden error: {tmp_path / 'golden' / 'c.json'}: records[0].environment.gpus: expected a list of "
+        "GPU names, got integer\n"
+    )
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(env=st.dictionaries(st.sampled_from([*ENV_KEYS, "nvml"]), JSON_VALUES, max_size=7))
+def test_an_environment_that_loads_is_one_the_mismatch_path_can_describe(env: dict[str, Any]) -> None:
+    """The mismatch reason names every record's environment: whatever loads must describe without a TypeError."""
+    raw = golden_to_json(golden(record(ENV_A, probs())))
+    raw["records"][0]["environment"] = env
+    try:
+        g = parse_golden(json.loads(json.dumps(raw)), Path("/g/c.json"))
+    except GoldenError as e:
+        assert "\n" not in str(e) and str(e).startswith("/g/c.json: records[0].environment")
+        return
+    cmp = compare_outputs(g, {"y": ("FP32", probs(0.5))}, CompareConfig(), ENV_B)
+    assert not cmp.ok and "; this node is driver 550.54.15" in cmp.reason

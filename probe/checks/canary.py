@@ -13,10 +13,6 @@ judge); a mismatch fails it but is never restart-worthy: restarting will not fix
 from __future__ import annotations
 
 import math
-import os
-import time
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,54 +21,9 @@ from probe.checks.base import CheckResult, Kind, failed, passed
 from probe.checks.latency import LatencyTracker, judge_latency
 from probe.config import CanaryConfig
 from probe.environment import EnvironmentProbe
-from probe.golden import Golden, GoldenError, check_golden_for, compare_outputs, explain_mismatch, load_golden
+from probe.golden import Golden, GoldenError, GoldenStore, check_golden_for, compare_outputs, explain_mismatch
 from probe.tensors import NUMPY_DTYPES, InputError, build_inputs, input_digest
 from probe.triton import JSON_CAP, TritonClient, TritonRequestError, TritonUnreachable, input_mismatches
-
-
-class GoldenStore:
-    """The canary's golden file, re-read when it changes on disk (a ConfigMap update needs no restart)."""
-
-    # Looking at the files at most this often: a ConfigMap update takes the kubelet far longer to propagate.
-    RECHECK_S = 1.0
-
-    def __init__(self, path: Path, *, clock: Callable[[], float] = time.monotonic) -> None:
-        self.path = path
-        self._npz = path.with_suffix(".npz")
-        self._clock = clock
-        self._checked_at = -math.inf
-        self._stamp: tuple[int, ...] | None = None
-        self._golden: Golden | None = None
-        self._error: str | None = None
-
-    def get(self) -> Golden:
-        """The current golden; raises GoldenError (cached until the file changes)."""
-        now = self._clock()
-        if now - self._checked_at >= self.RECHECK_S or self._stamp is None:
-            self._checked_at = now
-            self._refresh()
-        if self._golden is None:
-            raise GoldenError(self._error or f"{self.path}: golden file missing")
-        return self._golden
-
-    def _refresh(self) -> None:
-        # Inode and ctime too: a replaced file (new inode) or one rewritten in place (new ctime) is noticed even
-        # when it kept its size and mtime (cp -p, rsync -t, tar, two writes within one timestamp tick).
-        stamp = _stamp(self.path) + _stamp(self._npz)
-        if stamp != self._stamp:
-            self._stamp = stamp
-            try:
-                self._golden, self._error = load_golden(self.path), None
-            except GoldenError as e:
-                self._golden, self._error = None, str(e)
-
-
-def _stamp(path: Path) -> tuple[int, int, int, int]:
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return (0, 0, 0, 0)
-    return (st.st_ino, st.st_ctime_ns, st.st_mtime_ns, st.st_size)
 
 
 def reply_cap(golden: Golden, fallback: int) -> int:
@@ -144,10 +95,10 @@ class CanaryCheck:
                 self._input_error = f"canary input error: {e}"
 
     def _golden_baseline(self) -> tuple[float, str] | None:
-        try:
-            rec = self.golden.get().records[-1]
-        except GoldenError:
+        golden = self.golden.cached()  # never reads a file: this run's canary has just loaded it, if it could
+        if golden is None:
             return None
+        rec = golden.records[-1]
         return rec.latency.median_ms, f"golden, recorded {rec.recorded_at}"
 
     def _latency(self) -> CheckResult:
@@ -188,7 +139,7 @@ class CanaryCheck:
             return None, failed(name, Kind.CANARY, self._input_error)
         assert self._inputs is not None
         try:
-            golden = self.golden.get()
+            golden = await self.golden.current()
             check_golden_for(golden, c.name, self._input_digest, c.compare.mode, self.golden.path)
         except GoldenError as e:
             return None, failed(name, Kind.CANARY, str(e))
