@@ -215,4 +215,4 @@ def test_validate_config_only_still_checks_inputs_but_not_goldens(tmp_path: Path
 def test_validate_help_describes_config_only_and_the_exit_codes() -> None:
     proc = run_cli("validate", "--help")
     assert proc.returncode == 0
-    assert "--config-only" in proc.stdout and "Exit 0: valid; 1: invalid" in proc.stdout
+    assert "--config-only" in proc.stdout and "exit codes: 0 config and golden files are valid; 1" in proc.stdout

@@ -330,5 +330,5 @@ def test_an_environment_that_loads_is_one_the_mismatch_path_can_describe(env: di
     except GoldenError as e:
         assert "\n" not in str(e) and str(e).startswith("/g/c.json: records[0].environment")
         return
-    cmp = compare_outputs(g, {"y": ("FP32", probs(0.5))}, CompareConfig(), ENV_B)
-    assert not cmp.ok and "; this node is driver 550.54.15" in cmp.reason
+    cmp = compare_outputs(g, {"y": ("FP32", probs(0.5))}, CompareConfig())
+    assert not cmp.ok and "; this node is driver 550.54.15" in explain_mismatch(g, cmp, ENV_B)
