@@ -134,15 +134,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         _err(f"config error: {e}")
         return EXIT_USAGE
-    streaming = [c.name for c in cfg.canaries if c.protocol != "infer"]
-    if streaming:
-        # The generate client, answer comparison and test model exist (probe.generate, probe.answers); the golden
-        # format, record and checks for them do not yet. Refusing beats running such a canary as /infer.
-        _err(
-            f"config error: canaries {', '.join(streaming)}: protocol generate / generate_stream is not yet "
-            "supported by check, record, serve or validate in this version of probe"
-        )
-        return EXIT_USAGE
     if args.command != "serve":
         # One-shot commands report every problem in their own lines; a sampler's or client's log record would only
         # say the same thing again, unprefixed, through logging's last-resort handler.
@@ -170,6 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _golden_problems(cfg: Config, names: Sequence[str], *, golden: bool = True) -> list[str]:
     """One line per canary whose inputs cannot be built or (with `golden`) whose golden files cannot judge it."""
+    from probe.answers import request_digest
     from probe.golden import GoldenError, check_golden_for, load_golden
     from probe.tensors import InputError, build_inputs, input_digest
 
@@ -178,7 +170,10 @@ def _golden_problems(cfg: Config, names: Sequence[str], *, golden: bool = True) 
         if c.name not in names:
             continue
         try:
-            digest = input_digest(c, build_inputs(c))
+            if c.request is not None:
+                digest = request_digest(c.request)
+            else:
+                digest = input_digest(c, build_inputs(c))
         except InputError as e:
             problems.append(f"canary {c.name}: {e}")
             continue
@@ -186,7 +181,7 @@ def _golden_problems(cfg: Config, names: Sequence[str], *, golden: bool = True) 
             continue
         path = cfg.golden_path(c.name)
         try:
-            check_golden_for(load_golden(path), c.name, digest, c.compare.mode, path)
+            check_golden_for(load_golden(path), c.name, digest, c.compare.mode, path, c.protocol)
         except GoldenError as e:
             problems.append(f"golden error: {e}")
     return problems

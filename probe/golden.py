@@ -1,8 +1,11 @@
 """Golden files: what a canary's outputs must be, per environment, and how a live output is compared.
 
 One JSON file per canary, `<golden_dir>/<canary>.json`, holding a `format` version, the digest of the canary's
-inputs, and one or more records (one per environment fingerprint). In tolerance mode the output tensors are
-stored too, in a sidecar `<canary>.npz` keyed by record id. Every write is atomic (temp file in the same
+inputs (for a generate canary, of its `request`), and one or more records (one per environment fingerprint). An
+`infer` record holds each output's datatype, shape and digest; in tolerance mode the output tensors are stored
+too, in a sidecar `<canary>.npz` keyed by record id. A `generate` / `generate_stream` record holds each compared
+field's digest (and, in text and tolerance mode, its value) and the time to the first event. Format 1 files
+(infer only, before generate canaries) are read as they are. Every write is atomic (temp file in the same
 directory, fsync, rename), so a failed write leaves the previous file byte-identical.
 """
 
@@ -29,7 +32,9 @@ import xxhash
 from probe.config import CANARY_INPUT_MAX_BYTES, CompareConfig, brief, clip, finite, format_bytes, type_name
 from probe.tensors import DIGEST_PREFIX, NPY_HEADER_MAX, NUMPY_DTYPES, NpyHeaderError, digest, read_npy_header
 
-GOLDEN_FORMAT = 1
+GOLDEN_FORMAT = 2
+READ_FORMATS = (1, 2)
+"""Format 2 added `protocol`, records' `fields` and `first_event`; format 1 files (infer canaries) still load."""
 
 # The fields that identify an environment; a different value means another record may be needed.
 ENV_KEYS = ("gpus", "driver", "cuda_driver", "triton", "platform", "backend")
@@ -77,6 +82,10 @@ class Record:
     latency: LatencyBaseline
     tensors: bool = False
     """True when this record's output tensors are in the sidecar .npz (tolerance mode)."""
+    fields: Mapping[str, Mapping[str, Any]] | None = None
+    """Generate canaries: field -> {"digest"[, "value"]} (see `probe.answers.record_fields`); None for infer."""
+    first_event: LatencyBaseline | None = None
+    """generate_stream canaries: the recorded runs' time to the first event."""
 
     @property
     def env_id(self) -> str:
@@ -89,6 +98,8 @@ class Record:
         h.update(self.env_id.encode())
         for name in sorted(self.outputs):
             h.update(name.encode() + b"\0" + self.outputs[name].digest.encode())
+        for name in sorted(self.fields or {}):
+            h.update(name.encode() + b"\1" + str((self.fields or {})[name].get("digest", "")).encode())
         return h.hexdigest()
 
 
@@ -102,6 +113,7 @@ class Golden:
     records: tuple[Record, ...]
     tensors: Mapping[str, np.ndarray[Any, Any]] = field(default_factory=dict)
     """`<record_id>/<output>` -> tensor, loaded from the .npz when any record has tensors."""
+    protocol: str = "infer"
 
 
 @dataclass(frozen=True)
@@ -239,9 +251,31 @@ def _latency(v: Any, where: str) -> LatencyBaseline:
     )
 
 
-def _parse_record(raw: Any, where: str) -> Record:
+def _parse_fields_record(raw: dict[str, Any], where: str, mode: str) -> Record:
+    """A generate canary's record: its fields, latency and time to the first event."""
+    from probe.answers import fields_record_problem
+
+    fields = _field(raw, "fields", where)
+    problem = fields_record_problem(fields, mode)
+    if problem is not None:
+        raise GoldenError(f"{where}.fields: {clip(problem)}")
+    first_raw = raw.get("first_event")
+    return Record(
+        environment=_environment(_field(raw, "environment", where), f"{where}.environment"),
+        recorded_at=_text(raw.get("recorded_at", ""), f"{where}.recorded_at"),
+        tool_version=_text(raw.get("tool_version", ""), f"{where}.tool_version"),
+        outputs={},
+        latency=_latency(_field(raw, "latency", where), f"{where}.latency"),
+        fields=fields,
+        first_event=None if first_raw is None else _latency(first_raw, f"{where}.first_event"),
+    )
+
+
+def _parse_record(raw: Any, where: str, protocol: str = "infer", mode: str = "exact") -> Record:
     if not isinstance(raw, dict):
         raise GoldenError(f"{where}: expected an object, got {type_name(raw)}")
+    if protocol != "infer":
+        return _parse_fields_record(raw, where, mode)
     outs_raw = _field(raw, "outputs", where)
     if not isinstance(outs_raw, dict):
         raise GoldenError(f"{where}.outputs: expected an object, got {type_name(outs_raw)}")
@@ -279,17 +313,24 @@ def parse_golden(raw: Any, path: Path) -> Golden:
     if not isinstance(raw, dict):
         raise GoldenError(f"{where}: corrupt golden file: expected a JSON object")
     fmt = raw.get("format")
-    if fmt != GOLDEN_FORMAT or isinstance(fmt, bool):
-        raise GoldenError(f"{where}: unsupported golden format {brief(fmt)} (this probe reads format {GOLDEN_FORMAT})")
+    if fmt not in READ_FORMATS or isinstance(fmt, bool):
+        raise GoldenError(
+            f"{where}: unsupported golden format {brief(fmt)} (this probe reads formats "
+            f"{', '.join(map(str, READ_FORMATS))})"
+        )
+    protocol = raw.get("protocol", "infer") if fmt >= 2 else "infer"
+    if protocol not in ("infer", "generate", "generate_stream"):
+        raise GoldenError(f"{where}: protocol: expected infer, generate or generate_stream, got {brief(protocol)}")
     records_raw = _field(raw, "records", where)
     if not isinstance(records_raw, list):
         raise GoldenError(f"{where}: records: expected a list, got {type_name(records_raw)}")
     if not records_raw:
         raise GoldenError(f"{where}: holds no records; run `probe record`")
-    records = tuple(_parse_record(r, f"{where}: records[{i}]") for i, r in enumerate(records_raw))
     mode = _field(raw, "compare", where)
-    if mode not in ("exact", "tolerance"):
-        raise GoldenError(f"{where}: compare: expected exact or tolerance, got {brief(mode)}")
+    modes = ("exact", "tolerance") if protocol == "infer" else ("exact", "tolerance", "text")
+    if mode not in modes:
+        raise GoldenError(f"{where}: compare: expected {' or '.join(modes)}, got {brief(mode)}")
+    records = tuple(_parse_record(r, f"{where}: records[{i}]", protocol, mode) for i, r in enumerate(records_raw))
     return Golden(
         canary=_text(_field(raw, "canary", where), f"{where}: canary", empty=False),
         model=_text(_field(raw, "model", where), f"{where}: model", empty=False),
@@ -297,6 +338,7 @@ def parse_golden(raw: Any, path: Path) -> Golden:
         input_digest=_digest_field(_field(raw, "input_digest", where), f"{where}: input_digest"),
         compare_mode=mode,
         records=records,
+        protocol=protocol,
     )
 
 
@@ -494,35 +536,47 @@ def _atomic_write(path: Path, data: bytes) -> None:
         pass
 
 
+def _latency_json(b: LatencyBaseline) -> dict[str, Any]:
+    return {
+        "runs": b.runs,
+        "median_ms": b.median_ms,
+        "min_ms": b.min_ms,
+        "max_ms": b.max_ms,
+        "samples_ms": list(b.samples_ms),
+    }
+
+
+def _record_json(r: Record) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "environment": r.environment,
+        "environment_id": r.env_id,
+        "recorded_at": r.recorded_at,
+        "tool_version": r.tool_version,
+    }
+    if r.fields is not None:
+        out["fields"] = {n: dict(e) for n, e in r.fields.items()}
+    else:
+        out["outputs"] = {
+            n: {"datatype": o.datatype, "shape": list(o.shape), "digest": o.digest} for n, o in r.outputs.items()
+        }
+    out["latency"] = _latency_json(r.latency)
+    if r.first_event is not None:
+        out["first_event"] = _latency_json(r.first_event)
+    if r.fields is None:
+        out["tensors"] = r.tensors
+    return out
+
+
 def golden_to_json(golden: Golden) -> dict[str, Any]:
     return {
         "format": GOLDEN_FORMAT,
+        "protocol": golden.protocol,
         "canary": golden.canary,
         "model": golden.model,
         "version": golden.version,
         "input_digest": golden.input_digest,
         "compare": golden.compare_mode,
-        "records": [
-            {
-                "environment": r.environment,
-                "environment_id": r.env_id,
-                "recorded_at": r.recorded_at,
-                "tool_version": r.tool_version,
-                "outputs": {
-                    n: {"datatype": o.datatype, "shape": list(o.shape), "digest": o.digest}
-                    for n, o in r.outputs.items()
-                },
-                "latency": {
-                    "runs": r.latency.runs,
-                    "median_ms": r.latency.median_ms,
-                    "min_ms": r.latency.min_ms,
-                    "max_ms": r.latency.max_ms,
-                    "samples_ms": list(r.latency.samples_ms),
-                },
-                "tensors": r.tensors,
-            }
-            for r in golden.records
-        ],
+        "records": [_record_json(r) for r in golden.records],
     }
 
 
@@ -625,6 +679,23 @@ def _first_problem(found: tuple[str, ...]) -> str:
     return found[0] + (f" (+{len(found) - 1} more)" if len(found) > 1 else "")
 
 
+def compare_answers(golden: Golden, answer: Mapping[str, Any], cmp: CompareConfig) -> Comparison:
+    """A generate canary's joined answer against every record (see `probe.answers.compare_answer`): the same
+    `Comparison` as `compare_outputs`, so `explain_mismatch` names the environments alike."""
+    from probe.answers import compare_answer
+
+    problems: list[tuple[Record, tuple[str, ...]]] = []
+    closest = None
+    for rec in golden.records:
+        got = compare_answer(answer, rec.fields or {}, cmp)
+        if got.ok:
+            return Comparison(True, got.reason or "ok", got.max_abs_error, got.max_rel_error)
+        problems.append((rec, (got.reason,)))
+        closest = closest or got
+    assert closest is not None  # parse_golden guarantees at least one record
+    return Comparison(False, closest.reason, closest.max_abs_error, closest.max_rel_error, tuple(problems))
+
+
 def explain_mismatch(golden: Golden, comparison: Comparison, environment: Mapping[str, Any] | None) -> str:
     """The reason for a mismatch: the problems of this node's own record if it has one (else the closest record's)
     and, when records came from other environments, where each was recorded and what this node is."""
@@ -642,10 +713,32 @@ def explain_mismatch(golden: Golden, comparison: Comparison, environment: Mappin
     return reason
 
 
-def check_golden_for(golden: Golden, canary_name: str, input_digest: str, mode: str, path: Path) -> None:
+def check_golden_for(
+    golden: Golden, canary_name: str, input_digest: str, mode: str, path: Path, protocol: str = "infer"
+) -> None:
     """Raise `GoldenError` when this golden file cannot judge the canary as configured now."""
     if golden.canary != canary_name:
         raise GoldenError(f"{path}: recorded for canary {golden.canary!r}, not {canary_name!r}")
+    if golden.protocol != protocol:
+        raise GoldenError(
+            f"{path}: recorded with protocol {golden.protocol}, the canary now uses {protocol}; re-record with "
+            "`probe record --force`"
+        )
+    if protocol != "infer":
+        if golden.input_digest != input_digest:
+            raise GoldenError(
+                f"{path}: recorded for a different request (request digest {_short(golden.input_digest)} != "
+                f"{_short(input_digest)} now); re-record with `probe record --force`"
+            )
+        if (
+            mode != golden.compare_mode
+            and mode in ("text", "tolerance")
+            and any("value" not in e for r in golden.records for e in (r.fields or {}).values())
+        ):
+            raise GoldenError(
+                f"{path}: recorded in {golden.compare_mode} mode without values; re-record for {mode} mode"
+            )
+        return
     if golden.input_digest != input_digest:
         raise GoldenError(
             f"{path}: recorded for different canary inputs (input digest {_short(golden.input_digest)} != "

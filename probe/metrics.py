@@ -46,6 +46,13 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
+        self.first_response = Histogram(
+            "probe_canary_first_response_seconds",
+            "Time to the first event of completed generate_stream canaries (time to first token)",
+            ["canary"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
         self.mismatch = Counter(
             "probe_canary_mismatch",
             "Canary outputs that matched no golden record",
@@ -104,6 +111,9 @@ class Metrics:
                 lat = r.details.get("latency_s")
                 if isinstance(lat, float):
                     self.canary_latency.labels(canary).observe(lat)
+                first = r.details.get("first_event_s")
+                if isinstance(first, float):
+                    self.first_response.labels(canary).observe(first)
                 if r.details.get("mismatch"):
                     self.mismatch.labels(canary).inc()
                 err = r.details.get("max_abs_error")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -65,16 +66,19 @@ async def record_canary(
     force: bool,
 ) -> Recorded:
     """Record (or add a record to) one canary's golden file. Raises RecordRefused, GoldenError, OSError."""
+    if canary.protocol != "infer":
+        return await _record_generate(cfg, canary, client, environment, runs=runs, force=force)
     path = cfg.golden_path(canary.name)
     inputs = build_inputs(canary)
     in_digest = input_digest(canary, inputs)
-    existing: Golden | None = None
-    if path.exists():
-        try:
-            existing = load_golden(path)
-        except GoldenError as e:
-            if not force:
-                raise GoldenError(f"{e} (use --force to overwrite it)") from None
+    existing = _existing(path, force)
+    if existing is not None and existing.protocol != canary.protocol:
+        if not force:
+            raise RecordRefused(
+                f"{path}: recorded with protocol {existing.protocol}, the canary now uses {canary.protocol}; "
+                "--force discards its records and records anew"
+            )
+        existing = None
     if existing is not None and existing.input_digest != in_digest:
         if not force:
             raise RecordRefused(
@@ -84,6 +88,11 @@ async def record_canary(
         existing = None
 
     info = await client.model_info(canary.model, canary.version)
+    if info.decoupled:
+        raise RecordRefused(
+            f"canary {canary.name}: model {canary.model} is decoupled (it streams its answers), and Triton answers "
+            "/infer on such a model with 501: use protocol: generate_stream for this canary"
+        )
     problems = input_mismatches(canary, info)
     if problems:
         raise RecordRefused(f"canary {canary.name} does not fit the model: " + "; ".join(problems))
@@ -168,6 +177,121 @@ async def record_canary(
     )
 
 
+def _existing(path: Path, force: bool) -> Golden | None:
+    if not path.exists():
+        return None
+    try:
+        return load_golden(path)
+    except GoldenError as e:
+        if not force:
+            raise GoldenError(f"{e} (use --force to overwrite it)") from None
+    return None
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+async def _record_generate(
+    cfg: Config,
+    canary: CanaryConfig,
+    client: TritonClient,
+    environment: EnvironmentProbe,
+    *,
+    runs: int,
+    force: bool,
+) -> Recorded:
+    """A generate / generate_stream canary: `runs` answers after a warm-up, which must agree (exact: identical;
+    text: to min_similarity; tolerance: within it); the first run's fields become the record."""
+    from probe.answers import accept_runs, choose_fields, record_fields, request_digest
+    from probe.generate import GenerateAnswer, encode_request, generate, generate_stream
+
+    assert canary.request is not None
+    path = cfg.golden_path(canary.name)
+    digest_now = request_digest(canary.request)
+    existing = _existing(path, force)
+    if existing is not None and (existing.protocol != canary.protocol or existing.input_digest != digest_now):
+        if not force:
+            what = "another protocol" if existing.protocol != canary.protocol else "a different request"
+            raise RecordRefused(
+                f"{path}: its {len(existing.records)} record(s) were made for {what}; --force discards them and "
+                "records anew"
+            )
+        existing = None
+    env = await environment.fingerprint(canary.model, canary.version)
+    post = generate_stream if canary.protocol == "generate_stream" else generate
+    body = encode_request(canary.request)
+    answers: list[GenerateAnswer] = []
+    for i in range(runs + 1):  # run 0 is the unrecorded warm-up
+        outcome = await asyncio.wait_for(
+            post(client.session, client.base_url, canary.model, canary.version, body, max_bytes=cfg.triton.max_reply),
+            RECORD_RUN_TIMEOUT,
+        )
+        if not isinstance(outcome, GenerateAnswer):
+            raise RecordRefused(f"canary {canary.name} {canary.protocol}: {outcome.reason}")
+        if i:
+            answers.append(outcome)
+    first = answers[0]
+    choice = choose_fields(first.answer, canary.outputs)
+    if choice.problem is not None:
+        raise RecordRefused(f"canary {canary.name}: {choice.problem}")
+    agreement = accept_runs([a.answer for a in answers], choice.fields, canary.compare)
+    if not agreement.accepted:
+        raise RecordRefused(f"canary {canary.name}: {agreement.reason}")
+    median_s = float(np.median([a.total_s for a in answers]))
+    deadline = canary.deadline(cfg.probe.timeout)
+    if median_s > deadline:
+        raise RecordRefused(
+            f"canary {canary.name} takes {median_s * 1000:.0f}ms, more than its deadline {deadline:g}s; "
+            "raise the canary's timeout (and probe.timeout), or ask for fewer tokens"
+        )
+    mode = canary.compare.mode
+    firsts = [a.first_event_s for a in answers if a.first_event_s is not None]
+    new_rec = Record(
+        environment=env,
+        recorded_at=_now(),
+        tool_version=__version__,
+        outputs={},
+        latency=LatencyBaseline.from_samples([a.total_s for a in answers]),
+        fields=record_fields(first.answer, choice.fields, mode),
+        first_event=LatencyBaseline.from_samples(firsts) if firsts else None,
+    )
+    records = list(existing.records) if existing is not None else []
+    this_id = environment_id(env)
+    same = [i for i, r in enumerate(records) if r.env_id == this_id]
+    action = "added"
+    if same:
+        old = records[same[0]]
+        if old.fields == new_rec.fields and not force:
+            return Recorded(canary.name, str(path), f"unchanged: {path} already holds this environment's answer")
+        if not force:
+            raise RecordRefused(
+                f"{path}: a record for this environment ({describe_environment(env)}) exists with a different "
+                "answer; --force replaces it"
+            )
+        records[same[0]] = new_rec
+        action = "replaced"
+    else:
+        records.append(new_rec)
+    golden = Golden(
+        canary=canary.name,
+        model=canary.model,
+        version=canary.version,
+        input_digest=digest_now,
+        compare_mode=mode,
+        records=tuple(records),
+        protocol=canary.protocol,
+    )
+    write_golden(path, golden)
+    first_ms = f", first event {new_rec.first_event.median_ms:.2f}ms" if new_rec.first_event else ""
+    return Recorded(
+        canary.name,
+        str(path),
+        f"{action} record {len(records)} of {path}: {runs} runs ({agreement.reason}), median "
+        f"{new_rec.latency.median_ms:.2f}ms{first_ms}, environment {describe_environment(env)}",
+    )
+
+
 def _record(
     env: dict[str, Any],
     outputs: dict[str, OutputGolden],
@@ -178,7 +302,7 @@ def _record(
 ) -> Record:
     return Record(
         environment=env,
-        recorded_at=datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
+        recorded_at=_now(),
         tool_version=__version__,
         outputs=outputs,
         latency=LatencyBaseline.from_samples([o.latency_s for o in runs]),
@@ -205,4 +329,5 @@ def _golden_with(
         compare_mode=mode,
         records=tuple(records),
         tensors=tensors,
+        protocol=canary.protocol,
     )

@@ -136,6 +136,15 @@ def _shown(r: CheckResult, reveal: bool) -> CheckResult:
     return r if reveal or r.ok else replace(r, reason=WITHHELD)
 
 
+def _times(r: CheckResult) -> str:
+    """A streaming canary's two times on its verbose line: the whole answer and the first event."""
+    first = r.details.get("first_event_s")
+    total = r.details.get("latency_s")
+    if not isinstance(first, float) or not isinstance(total, float):
+        return ""
+    return f" (answer {total * 1000.0:.1f}ms, first event {first * 1000.0:.1f}ms)"
+
+
 def _aggregate(kind: str, verdict: Verdict, request: web.BaseRequest, reveal: bool) -> web.Response:
     excluded = request.query.getall("exclude", [])
     shown = {n: r for n, r in verdict.checks.items() if n not in excluded}
@@ -150,7 +159,7 @@ def _aggregate(kind: str, verdict: Verdict, request: web.BaseRequest, reveal: bo
         return _text(status, json.dumps(body), content_type=HEALTH_JSON)
     if not _verbose(request):
         return _text(status, _PLAIN[kind, ok])
-    lines = [f"[+]{n} ok" if r.ok else f"[-]{n} failed: reason withheld" for n, r in shown.items()]
+    lines = [f"[+]{n} ok{_times(r)}" if r.ok else f"[-]{n} failed: reason withheld" for n, r in shown.items()]
     unknown = [e for e in excluded if e not in verdict.checks]
     if unknown:
         names = ", ".join(repr(e[:64]) for e in unknown[:8])

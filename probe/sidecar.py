@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry
 
 from probe.checks.base import Check, InstantCheck
 from probe.checks.canary import CanaryCheck
+from probe.checks.generate import GenerateCanaryCheck
 from probe.checks.lifecycle import Lifecycle, PingCheck, ShutdownCheck
 from probe.checks.triton import TritonCheck
 from probe.config import Config, derived_metrics_url
@@ -161,8 +162,9 @@ def build_sidecar(
     checks: list[Check] = [TritonCheck(client, vouch=bool(cfg.canaries))]
     for c in cfg.canaries:
         golden = GoldenStore(cfg.golden_path(c.name))
+        kind = CanaryCheck if c.protocol == "infer" else GenerateCanaryCheck
         checks.append(
-            CanaryCheck(client, c, golden, environment, probe_timeout=cfg.probe.timeout, max_reply=cfg.triton.max_reply)
+            kind(client, c, golden, environment, probe_timeout=cfg.probe.timeout, max_reply=cfg.triton.max_reply)
         )
     if gpu is not None:
         from probe.checks.gpu import GpuCheck

@@ -180,6 +180,11 @@ class TritonClient:
         await self.close()
 
     @property
+    def base_url(self) -> str:
+        """`http(s)://host:port` of Triton's HTTP endpoint."""
+        return self._base
+
+    @property
     def session(self) -> aiohttp.ClientSession:
         if self._session is None:
             raise RuntimeError("TritonClient used before open()")

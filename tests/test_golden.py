@@ -332,3 +332,16 @@ def test_an_environment_that_loads_is_one_the_mismatch_path_can_describe(env: di
         return
     cmp = compare_outputs(g, {"y": ("FP32", probs(0.5))}, CompareConfig())
     assert not cmp.ok and "; this node is driver 550.54.15" in explain_mismatch(g, cmp, ENV_B)
+
+
+def test_format_1_golden_files_still_load() -> None:
+    """Files written before streaming canaries (format 1: no protocol, no fields) keep working."""
+    raw = golden_to_json(golden(record(ENV_A, probs())))
+    assert raw["format"] == 2 and raw["protocol"] == "infer"
+    raw["format"] = 1
+    del raw["protocol"]
+    g = parse_golden(json.loads(json.dumps(raw)), Path("/g/c.json"))
+    assert g.protocol == "infer" and compare_outputs(g, {"y": ("FP32", probs())}, CompareConfig()).ok
+    raw["format"] = 3
+    with pytest.raises(GoldenError, match=r"unsupported golden format 3 \(this probe reads formats 1, 2\)"):
+        parse_golden(raw, Path("/g/c.json"))

@@ -1,0 +1,185 @@
+"""A canary for LLMs and other generative or streaming (decoupled) models: a fixed `request` posted to Triton's
+generate extension, its answer (for `generate_stream`, its events joined) compared with the golden record.
+
+Like `CanaryCheck`, one object, one run, three results: `model/<canary>`, `canary/<canary>` and
+`latency/<canary>`. The runner cancels a stalled stream at the canary's deadline; the reason then says how many
+events had arrived and when the first came. Errors (an `error` field in the answer or any event, which Triton
+sends under status 200; an empty stream; a stream cut short; a malformed or oversized reply) and timeouts are
+restart-worthy; a mismatch never is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+from probe.checks.base import CheckResult, Kind, failed, passed
+from probe.checks.latency import LatencyTracker, judge_latency
+from probe.config import CanaryConfig
+from probe.environment import EnvironmentProbe
+from probe.generate import GenerateAnswer, Progress, encode_request, generate, generate_stream
+from probe.golden import Golden, GoldenError, GoldenStore, check_golden_for, compare_answers, explain_mismatch
+from probe.triton import TritonClient, TritonRequestError, TritonUnreachable
+
+
+class GenerateCanaryCheck:
+    """Runs a generate / generate_stream canary and judges its model, its answer and its latency.
+
+    `canary/` fails when: the golden file is missing, corrupt or recorded for another request or protocol; the
+    model is not ready; Triton answers with an error status, an `error` field, an empty or cut-short stream, or a
+    malformed or oversized reply (restart-worthy); the answer differs from every golden record (by digest, within
+    tolerance, or below `min_similarity` in text mode); the answer did not finish by the deadline (restart-worthy).
+    `latency/` also fails when the first event came later than `latency.first_ms`, or when the recent median time
+    to the first event drifts past `drift` x its recorded baseline.
+    """
+
+    def __init__(
+        self,
+        client: TritonClient,
+        canary: CanaryConfig,
+        golden: GoldenStore,
+        environment: EnvironmentProbe,
+        *,
+        probe_timeout: float,
+        max_reply: int,
+    ) -> None:
+        assert canary.request is not None, "a generate canary has a request (config guarantees it)"
+        self._client = client
+        self.canary = canary
+        self.golden = golden
+        self._environment = environment
+        self._max_reply = max_reply
+        self._stream = canary.protocol == "generate_stream"
+        self._body = encode_request(canary.request)
+        from probe.answers import request_digest
+
+        self._request_digest = request_digest(canary.request)
+        self.tracker = LatencyTracker(canary.latency.window)
+        self.first_tracker = LatencyTracker(canary.latency.window)
+        self.progress = Progress()
+        self.model_name = f"model/{canary.name}"
+        self.canary_name = f"canary/{canary.name}"
+        self.latency_name = f"latency/{canary.name}"
+        self.names = (self.model_name, self.canary_name, self.latency_name)
+        self.timeout = canary.deadline(probe_timeout)
+        self._model_last: CheckResult | None = None
+
+    def _label(self) -> str:
+        c = self.canary
+        return f"model {c.model}" + (f" version {c.version}" if c.version else "")
+
+    async def run(self) -> tuple[CheckResult, CheckResult, CheckResult]:
+        model, canary = await self._run()
+        if model is None:
+            model = await self._ask_model()
+        self._model_last = model
+        return model, canary, self._latency()
+
+    def timed_out(self, after: float) -> tuple[CheckResult, CheckResult, CheckResult]:
+        self._client.failures += 1  # readiness is no longer vouched for
+        reason = f"timed out after {after:.2f}s: {self.progress.describe()}"
+        canary = failed(self.canary_name, Kind.CANARY, reason, restart_worthy=True)
+        note = "not re-asked: the canary did not finish"
+        last = self._model_last
+        if last is None:
+            model = passed(self.model_name, Kind.MODEL, f"ok ({note})")
+        else:
+            model = CheckResult(last.name, last.kind, last.status, f"{last.reason.split(' (not re-asked')[0]} ({note})")
+        return model, canary, self._latency()
+
+    async def _ask_model(self) -> CheckResult:
+        c = self.canary
+        try:
+            if await self._client.model_ready(c.model, c.version):
+                return passed(self.model_name, Kind.MODEL)
+        except (TritonUnreachable, TritonRequestError) as e:
+            return failed(self.model_name, Kind.MODEL, str(e))
+        reason = f"{self._label()} is not ready (loading, unloaded or failed to load)"
+        return failed(self.model_name, Kind.MODEL, reason)
+
+    async def _run(self) -> tuple[CheckResult | None, CheckResult]:
+        c = self.canary
+        name = self.canary_name
+        try:
+            golden = await self.golden.current()
+            check_golden_for(golden, c.name, self._request_digest, c.compare.mode, self.golden.path, c.protocol)
+        except GoldenError as e:
+            return None, failed(name, Kind.CANARY, str(e))
+        post = generate_stream if self._stream else generate
+        outcome = await post(
+            self._client.session,
+            self._client.base_url,
+            c.model,
+            c.version,
+            self._body,
+            max_bytes=self._max_reply,
+            progress=self.progress,
+        )
+        if not isinstance(outcome, GenerateAnswer):
+            self._client.failures += 1
+            what = f"canary {c.name} {c.protocol}"
+            if outcome.kind == "status":  # Triton refused: is the model still there?
+                model = await self._ask_model()
+                if not model.ok:
+                    return model, failed(name, Kind.CANARY, f"{self._label()} is not ready: {outcome.reason}")
+                return model, failed(name, Kind.CANARY, f"{what}: {outcome.reason}", restart_worthy=True)
+            # An error event is the model's own answer, so the model is there; anything else says nothing of it.
+            seen = passed(self.model_name, Kind.MODEL) if outcome.kind == "error" else None
+            return seen, failed(name, Kind.CANARY, f"{what}: {outcome.reason}", restart_worthy=True)
+        model = passed(self.model_name, Kind.MODEL)
+        self.tracker.add(outcome.total_s)
+        if outcome.first_event_s is not None:
+            self.first_tracker.add(outcome.first_event_s)
+        return model, await self._judge(golden, outcome)
+
+    async def _judge(self, golden: Golden, outcome: GenerateAnswer) -> CheckResult:
+        c = self.canary
+        cmp = compare_answers(golden, outcome.answer, c.compare)
+        total_ms = round(outcome.total_s * 1000.0, 3)
+        details: dict[str, Any] = {"latency_s": outcome.total_s, "max_abs_error": cmp.max_abs_error}
+        times = f"{outcome.events} event{'s' if outcome.events != 1 else ''} in {total_ms:.1f}ms"
+        if outcome.first_event_s is not None:
+            details["first_event_s"] = outcome.first_event_s
+            times += f", first after {outcome.first_event_s * 1000.0:.1f}ms"
+        kw: dict[str, Any] = {"observed_value": total_ms, "observed_unit": "ms", "details": details}
+        if cmp.ok:
+            note = f"; {cmp.reason}" if cmp.reason not in ("", "ok") else ""
+            return passed(self.canary_name, Kind.CANARY, f"ok: {times}{note}", **kw)
+        env = await self._environment.fingerprint_or_none(c.model, c.version)
+        details["mismatch"] = True
+        return failed(self.canary_name, Kind.CANARY, explain_mismatch(golden, cmp, env), **kw)
+
+    def _latency(self) -> CheckResult:
+        c = self.canary
+        golden = self.golden.cached()
+        rec = golden.records[-1] if golden is not None else None
+        baseline = (rec.latency.median_ms, f"golden, recorded {rec.recorded_at}") if rec is not None else None
+        total = judge_latency(self.latency_name, c.latency, self.tracker, baseline)
+        if not self._stream or not total.ok:
+            return total
+        last = self.first_tracker.last
+        if last is None:
+            return total
+        first_ms = last * 1000.0
+        if c.latency.first_ms is not None and first_ms > c.latency.first_ms:
+            reason = f"first event after {first_ms:.1f}ms > first_ms {c.latency.first_ms:g}"
+            return failed(self.latency_name, Kind.LATENCY, reason, details=total.details)
+        first_base = None
+        if rec is not None and rec.first_event is not None:
+            first_base = (rec.first_event.median_ms, f"golden, recorded {rec.recorded_at}")
+        drift_only = replace(c.latency, max_ms=None)  # first_ms is the first event's budget, judged above
+        first = judge_latency(self.latency_name, drift_only, self.first_tracker, first_base)
+        if not first.ok:
+            return failed(
+                self.latency_name, Kind.LATENCY, f"time to first event: {first.reason}", details=total.details
+            )
+        median = self.first_tracker.median() or 0.0
+        reason = f"{total.reason}; first event median {median * 1000.0:.1f}ms"
+        return passed(
+            self.latency_name,
+            Kind.LATENCY,
+            reason,
+            observed_value=total.observed_value,
+            observed_unit=total.observed_unit,
+            details={**total.details, "first_event_median_ms": median * 1000.0},
+        )
