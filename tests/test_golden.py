@@ -75,7 +75,7 @@ def test_round_trip_keeps_every_field(tmp_path: Path) -> None:
     back = load_golden(tmp_path / "c.json")
     assert back.records == g.records
     raw = json.loads((tmp_path / "c.json").read_text())
-    assert raw["format"] == 1 and raw["records"][0]["latency"]["median_ms"] == 11.0
+    assert raw["format"] == 2 and raw["records"][0]["latency"]["median_ms"] == 11.0
     assert raw["records"][0]["outputs"]["y"]["digest"].startswith("xxh3_128:")
 
 
