@@ -158,7 +158,7 @@ def build_sidecar(
         checks.append(GpuCheck(gpu_source, cfg.gpu))
     if with_lifecycle_checks:
         checks += [ShutdownCheck(lifecycle), PingCheck()]
-    metrics = Metrics(registry or CollectorRegistry())
+    metrics = Metrics(registry or CollectorRegistry(), canaries=[c.name for c in cfg.canaries])
     runner = Runner(
         checks,
         timeout=cfg.probe.timeout,
