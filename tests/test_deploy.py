@@ -821,3 +821,14 @@ def test_license_is_the_apache_license_pyproject_names() -> None:
     assert text.lstrip().startswith("Apache License\n                           Version 2.0, January 2004")
     assert "END OF TERMS AND CONDITIONS" in text
     assert re.search(r'^license = "Apache-2.0"$', (REPO / "pyproject.toml").read_text(encoding="utf-8"), re.M)
+
+
+def test_configmap_points_at_the_recording_script_that_keeps_other_records() -> None:
+    """The old recipe rebuilt probe-golden from a fresh directory and dropped every other environment's records."""
+    text = (K8S / "configmap.yaml").read_text(encoding="utf-8")
+    assert "record-golden.sh" in text
+    assert not re.search(r"^#\s+kubectl .*create configmap probe-golden", text, re.M), "the recipe that drops records"
+    script = K8S / "record-golden.sh"
+    assert os.access(script, os.X_OK), f"{script.name}: make it executable"
+    proc = subprocess.run(["sh", "-n", str(script)], capture_output=True, text=True, timeout=10, check=False)
+    assert proc.returncode == 0, proc.stderr
