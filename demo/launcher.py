@@ -2,16 +2,25 @@
 
 Triton runs in its own process session so that it and pytriton's helper processes can be signalled as one
 group, and only that group: we never touch processes we did not start.
+
+A Triton killed with SIGKILL (as the reliability tests do) cleans nothing up, so stop_triton sweeps what it
+leaves, and only what is provably this instance's: pytriton's workspace, which start_triton puts under the
+caller's directory (PYTRITON_HOME) instead of ~/.cache/pytriton; the /dev/shm segments that a process of the
+group had open just before the signal (pytriton's tensor store `psm_*`, its Python backend's `pytrtion<pid>-*`);
+and the model folders Triton copies to /tmp/folderXXXXXX, whose config.pbtxt names that workspace.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -63,6 +72,8 @@ class TritonServer:
     fault_dir: Path
     process: subprocess.Popen[bytes]
     log_path: Path
+    # PYTRITON_HOME of this instance (its workspace_* directory), private to it and removed by stop_triton.
+    pytriton_home: Path
 
     @property
     def url(self) -> str:
@@ -94,6 +105,25 @@ class TritonServer:
         wait_for(lambda: self.model_ready(model), timeout, f"{model} ready")
 
 
+# Unix sockets name their file in at most 107 bytes (sun_path), and pytriton puts its models' sockets in its
+# workspace: PYTRITON_HOME/workspace_XXXXXXXX/<model>_0_<n>-server.sock.
+SUN_PATH_MAX = 107
+
+
+def make_pytriton_home(tmp: Path, models: tuple[str, ...]) -> Path:
+    """A new, empty PYTRITON_HOME for one start: pytriton's workspace (sockets, model store, 22 MB of Triton's
+    binaries) goes there instead of ~/.cache/pytriton, and stop_triton removes it. Under `tmp` (the caller's
+    directory) when the sockets' paths fit in a Unix socket address there, else in the system's temporary
+    directory (a deep pytest directory does not leave room); one per start, never shared with another instance.
+    """
+    longest_socket = len("/workspace_XXXXXXXX/") + max(len(m) for m in models) + len("_0_99-server.sock")
+    for parent in (tmp, Path(tempfile.gettempdir())):
+        parent.mkdir(parents=True, exist_ok=True)
+        if len(str(parent.resolve())) + len("/pytriton-XXXXXXXX") + longest_socket <= SUN_PATH_MAX:
+            return Path(tempfile.mkdtemp(prefix="pytriton-", dir=parent)).resolve()
+    raise RuntimeError(f"no directory short enough for pytriton's sockets (temporary directory {parent})")
+
+
 def start_triton(
     tmp: Path,
     models: tuple[str, ...] = MODELS,
@@ -112,6 +142,8 @@ def start_triton(
     # pytriton's Python backend must load this interpreter's libpython, not the system one.
     libdir = sysconfig.get_config_var("LIBDIR") or ""
     env["LD_LIBRARY_PATH"] = libdir + os.pathsep + env.get("LD_LIBRARY_PATH", "")
+    pytriton_home = make_pytriton_home(tmp, models)
+    env["PYTRITON_HOME"] = str(pytriton_home)
     log_path = tmp / f"triton-{http_port}.log"
     log = open(log_path, "wb")
     proc = subprocess.Popen(
@@ -135,7 +167,7 @@ def start_triton(
         start_new_session=True,
     )
     log.close()
-    server = TritonServer(http_port, metrics_port, fault_dir, proc, log_path)
+    server = TritonServer(http_port, metrics_port, fault_dir, proc, log_path, pytriton_home)
 
     def up() -> bool:
         if proc.poll() is not None:
@@ -151,21 +183,91 @@ def start_triton(
 
 
 def stop_triton(server: TritonServer, sig: int = signal.SIGTERM) -> None:
-    """Signal the server's whole process group (only processes we started), then make sure it is gone."""
+    """Signal the server's whole process group (only processes we started), make sure it is gone, then sweep
+    the files it leaves behind when killed (see the module docstring)."""
     pgid = server.process.pid
+    segments = shm_segments_of(group_pids(pgid))
     try:
         os.killpg(pgid, sig)
     except ProcessLookupError:
-        return
-    try:
-        server.process.wait(timeout=15)
-    except subprocess.TimeoutExpired:
         pass
-    try:
-        os.killpg(pgid, signal.SIGKILL)  # sweep helpers (proxy backends) left in the group
-    except ProcessLookupError:
-        pass
+    else:
+        try:
+            server.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(pgid, signal.SIGKILL)  # sweep helpers (proxy backends) left in the group
+        except ProcessLookupError:
+            pass
     server.process.wait(timeout=10)
-    # pytriton's shared-memory segments outlive a killed instance; they are named after its pid.
-    for segment in Path("/dev/shm").glob(f"pytrtion{pgid}-*"):
+    sweep_leftovers(pgid, segments, server.pytriton_home)
+
+
+SHM = Path("/dev/shm")
+MODEL_FOLDERS = Path("/tmp")
+_WORKSPACE_PATH = re.compile(r'key:\s*"workspace-path"\s*value\s*\{\s*string_value:\s*"([^"]*)"')
+
+
+def group_pids(pgid: int) -> list[int]:
+    """The live processes of process group `pgid` (ours: start_triton made it with start_new_session)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue  # gone meanwhile
+        fields = stat.rsplit(")", 1)[1].split()  # after "pid (comm)": state ppid pgrp ...
+        if len(fields) > 2 and int(fields[2]) == pgid:
+            pids.append(int(entry.name))
+    return pids
+
+
+def shm_segments_of(pids: list[int]) -> set[Path]:
+    """The /dev/shm segments these processes have open or mapped: theirs, whoever else may use /dev/shm."""
+    found: set[Path] = set()
+    for pid in pids:
+        try:
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                try:
+                    target = os.readlink(fd)
+                except OSError:
+                    continue
+                if target.startswith(f"{SHM}/") and not target.endswith(" (deleted)"):
+                    found.add(Path(target))
+            with open(f"/proc/{pid}/maps", encoding="utf-8", errors="replace") as maps:
+                for line in maps:
+                    path = line.rstrip("\n").split(maxsplit=5)[-1]
+                    if path.startswith(f"{SHM}/") and not path.endswith(" (deleted)"):
+                        found.add(Path(path))
+        except OSError:
+            continue  # the process ended meanwhile, or is not ours to read
+    return found
+
+
+def model_folders_of(pytriton_home: Path) -> list[Path]:
+    """Triton's /tmp/folderXXXXXX copies of the models that pytriton loaded from a workspace in `pytriton_home`."""
+    home = pytriton_home.resolve()
+    found = []
+    for folder in MODEL_FOLDERS.glob("folder??????"):
+        try:
+            with open(folder / "config.pbtxt", encoding="utf-8", errors="replace") as f:
+                text = f.read(256 * 1024)
+        except OSError:
+            continue
+        m = _WORKSPACE_PATH.search(text)
+        if m and Path(m.group(1)).is_relative_to(home):
+            found.append(folder)
+    return found
+
+
+def sweep_leftovers(pgid: int, segments: set[Path], pytriton_home: Path) -> None:
+    """Remove what a stopped instance left: its shared memory, its model folders in /tmp, its workspace."""
+    # pytriton names its Python backend's segments after its own pid, the group leader's.
+    for segment in {*segments, *SHM.glob(f"pytrtion{pgid}-*")}:
         segment.unlink(missing_ok=True)
+    for folder in model_folders_of(pytriton_home):
+        shutil.rmtree(folder, ignore_errors=True)
+    shutil.rmtree(pytriton_home, ignore_errors=True)

