@@ -1,6 +1,7 @@
 """`make demo`: a local CPU Triton, golden files recorded when absent, and the sidecar on :8080 until Ctrl-C.
 
-`--tour` walks through a hang, a wrong output and recovery, printing what `/ready?verbose` says at each step,
+`--tour` walks through a hang, a wrong output and recovery, then an LLM stalling mid-stream and answering a
+wrong token, printing what `/ready?verbose` says at each step,
 then exits 0.
 """
 
@@ -88,7 +89,22 @@ def tour(triton: TritonServer) -> None:
     say("5. the model is fixed: back to ready")
     triton.fault(model, "ok")
     wait_for(lambda: fetch("/ready")[0] == 200, 15, "/ready to recover")
-    status = show("/ready")
+    show("/ready?verbose")
+    say("6. the LLM stalls mid-stream: the streaming canary times out and says how far the stream got")
+    triton.fault("demo_llm", "stall")
+    wait_for(lambda: "timed out" in fetch("/ready/canary/chat")[1], 20, "the stall to show")
+    show("/ready/canary/chat")
+    show("/live")
+    triton.fault("demo_llm", "ok")
+    wait_for(lambda: fetch("/ready")[0] == 200, 60, "/ready to recover")
+    say("7. the LLM answers one wrong token: text mode names where the answer leaves the golden")
+    triton.fault("demo_llm", "wrong_token")
+    wait_for(lambda: "golden at character" in fetch("/ready/canary/chat")[1], 20, "the wrong token to show")
+    show("/ready/canary/chat")
+    say("8. the LLM is fixed: back to ready")
+    triton.fault("demo_llm", "ok")
+    wait_for(lambda: fetch("/ready")[0] == 200, 30, "/ready to recover")
+    status = show("/ready?verbose")
     if status != 200:
         raise SystemExit("tour: the probe did not recover")
 
@@ -103,7 +119,11 @@ def triton_ready(triton: TritonServer) -> int:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--tour", action="store_true", help="inject a hang, a wrong output and recovery, then exit")
+    ap.add_argument(
+        "--tour",
+        action="store_true",
+        help="inject a hang, a wrong output, a mid-stream stall and a wrong token, then exit",
+    )
     args = ap.parse_args()
     busy = [p for p in (8000, 8001, 8002, 8080) if not port_free(p)]
     if busy:
@@ -117,7 +137,7 @@ def main() -> int:
     serve: subprocess.Popen[bytes] | None = None
     try:
         triton.clear_faults()
-        if not (STATE / "golden" / "classifier.json").exists():
+        if not all((STATE / "golden" / f"{name}.json").exists() for name in ("classifier", "chat")):
             say("recording golden files (probe record)")
             if probe_cli("record") != 0:
                 return 1
@@ -138,6 +158,7 @@ The sidecar is answering. Try:
   curl -i {PROBE}/ready
   curl -s '{PROBE}/ready?verbose'
   curl -s {PROBE}/ready/canary/classifier
+  curl -s {PROBE}/ready/canary/chat          # the streaming canary on demo_llm
   curl -s -H 'Accept: application/json' {PROBE}/ready
   curl -s '{PROBE}/live?verbose'
   curl -s {PROBE}/metrics | grep ^probe_
