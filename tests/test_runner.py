@@ -258,3 +258,20 @@ async def test_instant_checks_are_evaluated_every_time() -> None:
     lc.begin_shutdown("SIGTERM")
     snap = runner.current(await runner.results())
     assert not snap["shutdown"].ok and "SIGTERM" in snap["shutdown"].reason
+
+
+def test_drift_waits_for_a_full_window_not_one_cold_sample() -> None:
+    """A one-shot `probe check` sees one cold canary: that is no trend, so drift is not judged on it."""
+    from probe.checks.latency import LatencyTracker, judge_latency
+    from probe.config import LatencyConfig
+
+    cfg = LatencyConfig(drift=5.0, window=3)
+    tracker = LatencyTracker(cfg.window)
+    baseline = (2.3, "golden, recorded 2026-11-30T10:00:00Z")
+    tracker.add(0.0153)
+    cold = judge_latency("latency/a", cfg, tracker, baseline)
+    assert cold.ok and "drift judged once the window is full" in cold.reason
+    tracker.add(0.0151)
+    tracker.add(0.0149)
+    warm = judge_latency("latency/a", cfg, tracker, baseline)
+    assert not warm.ok and warm.reason.startswith("median of last 3 canaries 15.1ms > 5 x baseline 2.3ms")
