@@ -15,11 +15,12 @@ from typing import Any
 
 from probe.checks.base import CheckResult, Kind, failed, passed
 from probe.checks.latency import LatencyTracker, judge_latency
+from probe.checks.model import ModelVerdict
 from probe.config import CanaryConfig
 from probe.environment import EnvironmentProbe
 from probe.generate import GenerateAnswer, Progress, encode_request, generate, generate_stream
 from probe.golden import Golden, GoldenError, GoldenStore, check_golden_for, compare_answers, explain_mismatch
-from probe.triton import TritonClient, TritonRequestError, TritonUnreachable
+from probe.triton import TritonClient
 
 
 class GenerateCanaryCheck:
@@ -57,45 +58,22 @@ class GenerateCanaryCheck:
         self.tracker = LatencyTracker(canary.latency.window)
         self.first_tracker = LatencyTracker(canary.latency.window)
         self.progress = Progress()
-        self.model_name = f"model/{canary.name}"
+        self.model = ModelVerdict(client, canary)
+        self.model_name = self.model.name
         self.canary_name = f"canary/{canary.name}"
         self.latency_name = f"latency/{canary.name}"
         self.names = (self.model_name, self.canary_name, self.latency_name)
         self.timeout = canary.deadline(probe_timeout)
-        self._model_last: CheckResult | None = None
-
-    def _label(self) -> str:
-        c = self.canary
-        return f"model {c.model}" + (f" version {c.version}" if c.version else "")
 
     async def run(self) -> tuple[CheckResult, CheckResult, CheckResult]:
-        model, canary = await self._run()
-        if model is None:
-            model = await self._ask_model()
-        self._model_last = model
-        return model, canary, self._latency()
+        seen, canary = await self._run()
+        return await self.model.settle(seen), canary, self._latency()
 
     def timed_out(self, after: float) -> tuple[CheckResult, CheckResult, CheckResult]:
         self._client.failures += 1  # readiness is no longer vouched for
         reason = f"timed out after {after:.2f}s: {self.progress.describe()}"
         canary = failed(self.canary_name, Kind.CANARY, reason, restart_worthy=True)
-        note = "not re-asked: the canary did not finish"
-        last = self._model_last
-        if last is None:
-            model = passed(self.model_name, Kind.MODEL, f"ok ({note})")
-        else:
-            model = CheckResult(last.name, last.kind, last.status, f"{last.reason.split(' (not re-asked')[0]} ({note})")
-        return model, canary, self._latency()
-
-    async def _ask_model(self) -> CheckResult:
-        c = self.canary
-        try:
-            if await self._client.model_ready(c.model, c.version):
-                return passed(self.model_name, Kind.MODEL)
-        except (TritonUnreachable, TritonRequestError) as e:
-            return failed(self.model_name, Kind.MODEL, str(e))
-        reason = f"{self._label()} is not ready (loading, unloaded or failed to load)"
-        return failed(self.model_name, Kind.MODEL, reason)
+        return self.model.carried(), canary, self._latency()
 
     async def _run(self) -> tuple[CheckResult | None, CheckResult]:
         c = self.canary
@@ -119,14 +97,14 @@ class GenerateCanaryCheck:
             self._client.failures += 1
             what = f"canary {c.name} {c.protocol}"
             if outcome.kind == "status":  # Triton refused: is the model still there?
-                model = await self._ask_model()
+                model = await self.model.ask()
                 if not model.ok:
-                    return model, failed(name, Kind.CANARY, f"{self._label()} is not ready: {outcome.reason}")
+                    return model, failed(name, Kind.CANARY, f"{self.model.label} is not ready: {outcome.reason}")
                 return model, failed(name, Kind.CANARY, f"{what}: {outcome.reason}", restart_worthy=True)
             # An error event is the model's own answer, so the model is there; anything else says nothing of it.
-            seen = passed(self.model_name, Kind.MODEL) if outcome.kind == "error" else None
+            seen = self.model.ready() if outcome.kind == "error" else None
             return seen, failed(name, Kind.CANARY, f"{what}: {outcome.reason}", restart_worthy=True)
-        model = passed(self.model_name, Kind.MODEL)
+        model = self.model.ready()
         self.tracker.add(outcome.total_s)
         if outcome.first_event_s is not None:
             self.first_tracker.add(outcome.first_event_s)
