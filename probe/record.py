@@ -28,7 +28,6 @@ from probe.golden import (
     Record,
     compare_outputs,
     describe_environment,
-    environment_id,
     load_golden,
     write_golden,
 )
@@ -142,24 +141,11 @@ async def record_canary(
         )
 
     new_rec = _record(env, outputs, first, outcomes, tensors=record_tensors)
-    records = list(existing.records) if existing is not None else []
+    merged = _merge(existing, new_rec, path, force=force, what="output")
+    if isinstance(merged, str):
+        return Recorded(canary.name, str(path), merged)
+    records, action = merged
     tensors: dict[str, np.ndarray[Any, Any]] = dict(existing.tensors) if existing is not None else {}
-    this_id = environment_id(env)
-    same = [i for i, r in enumerate(records) if r.env_id == this_id]
-    action = "added"
-    if same:
-        old = records[same[0]]
-        if old.outputs == outputs and not force:
-            return Recorded(canary.name, str(path), f"unchanged: {path} already holds this environment's output")
-        if not force:
-            raise RecordRefused(
-                f"{path}: a record for this environment ({describe_environment(env)}) exists with different "
-                "outputs; --force replaces it"
-            )
-        records[same[0]] = new_rec
-        action = "replaced"
-    else:
-        records.append(new_rec)
     if record_tensors:
         tensors.update(_tensors_for(new_rec, first))
     live_keys = {f"{r.record_id}/{n}" for r in records if r.tensors for n in r.outputs}
@@ -175,6 +161,27 @@ async def record_canary(
         f"{action} record {len(records)} of {path}: {runs} runs, median {lat.median_ms:.2f}ms, "
         f"environment {describe_environment(env)}",
     )
+
+
+def _merge(
+    existing: Golden | None, new: Record, path: Path, *, force: bool, what: str
+) -> tuple[list[Record], str] | str:
+    """The records with `new` added (another environment) or, with `force`, in place of this environment's; or a
+    summary when this environment's record already says the same. Raises RecordRefused on a clash without force."""
+    records = list(existing.records) if existing is not None else []
+    same = [i for i, r in enumerate(records) if r.env_id == new.env_id]
+    if not same:
+        return [*records, new], "added"
+    old = records[same[0]]
+    if (old.outputs, old.fields) == (new.outputs, new.fields) and not force:
+        return f"unchanged: {path} already holds this environment's {what}"
+    if not force:
+        raise RecordRefused(
+            f"{path}: a record for this environment ({describe_environment(new.environment)}) exists with a "
+            f"different {what}; --force replaces it"
+        )
+    records[same[0]] = new
+    return records, "replaced"
 
 
 def _existing(path: Path, force: bool) -> Golden | None:
@@ -256,23 +263,10 @@ async def _record_generate(
         fields=record_fields(first.answer, choice.fields, mode),
         first_event=LatencyBaseline.from_samples(firsts) if firsts else None,
     )
-    records = list(existing.records) if existing is not None else []
-    this_id = environment_id(env)
-    same = [i for i, r in enumerate(records) if r.env_id == this_id]
-    action = "added"
-    if same:
-        old = records[same[0]]
-        if old.fields == new_rec.fields and not force:
-            return Recorded(canary.name, str(path), f"unchanged: {path} already holds this environment's answer")
-        if not force:
-            raise RecordRefused(
-                f"{path}: a record for this environment ({describe_environment(env)}) exists with a different "
-                "answer; --force replaces it"
-            )
-        records[same[0]] = new_rec
-        action = "replaced"
-    else:
-        records.append(new_rec)
+    merged = _merge(existing, new_rec, path, force=force, what="answer")
+    if isinstance(merged, str):
+        return Recorded(canary.name, str(path), merged)
+    records, action = merged
     golden = Golden(
         canary=canary.name,
         model=canary.model,

@@ -192,25 +192,27 @@ class TritonClient:
 
     # ---------------------------------------------------------------------------------------------- the wire
 
-    def _failure(self, what: str, e: BaseException) -> TritonUnreachable:
+    def _failure(self, what: str, e: BaseException, where: str | None = None) -> TritonUnreachable:
+        """One line for a call that got no usable answer; `where` names the endpoint (default: Triton at url)."""
+        at = where or f"Triton at {self.url}"
         if isinstance(e, aiohttp.ClientConnectorCertificateError):
             return TritonUnreachable(
-                f"{what}: TLS certificate of Triton at {self.url} not trusted ({one_line(e.certificate_error)}); "
+                f"{what}: TLS certificate of {at} not trusted ({one_line(e.certificate_error)}); "
                 "set triton.tls.ca_file, or triton.tls.verify: false"
             )
         if isinstance(e, aiohttp.ClientConnectorSSLError | aiohttp.ClientSSLError):
-            return TritonUnreachable(f"{what}: TLS handshake with Triton at {self.url} failed: {one_line(e)}")
+            return TritonUnreachable(f"{what}: TLS handshake with {at} failed: {one_line(e)}")
         if isinstance(e, aiohttp.ClientConnectorError):  # its own text says "ssl:default" even for plain HTTP
             cause = e.os_error.strerror or one_line(e.os_error)
-            return TritonUnreachable(f"{what}: cannot connect to Triton at {self.url}: {cause}")
+            return TritonUnreachable(f"{what}: cannot connect to {at}: {cause}")
         if isinstance(e, TimeoutError):
-            return TritonUnreachable(f"{what}: Triton at {self.url} did not answer")
+            return TritonUnreachable(f"{what}: {at} did not answer")
         if isinstance(e, aiohttp.ClientPayloadError):
-            return TritonUnreachable(f"{what}: malformed reply from {self.url}: reply cut short")
+            return TritonUnreachable(f"{what}: malformed reply from {where or self.url}: reply cut short")
         if isinstance(e, aiohttp.ClientResponseError | ValueError):  # a reply that is not HTTP, or not Triton's
-            return TritonUnreachable(f"{what}: malformed reply from {self.url}: {one_line(e)}")
+            return TritonUnreachable(f"{what}: malformed reply from {where or self.url}: {one_line(e)}")
         # Server disconnected, connection reset
-        return TritonUnreachable(f"{what}: cannot connect to Triton at {self.url}: {one_line(e)}")
+        return TritonUnreachable(f"{what}: cannot connect to {at}: {one_line(e)}")
 
     async def _read(self, resp: aiohttp.ClientResponse, cap: int, what: str) -> bytearray:
         """The whole body, refused as soon as it would pass `cap` bytes; never decompressed."""
@@ -253,6 +255,7 @@ class TritonClient:
         cap: int,
         body: bytes | None = None,
         headers: Mapping[str, str] | None = None,
+        where: str | None = None,
     ) -> tuple[int, Mapping[str, str], bytearray]:
         """One request and its bounded reply. A POST whose reused connection was closed before any reply byte is
         sent once more (an inference has no side effects; aiohttp already retries GETs so)."""
@@ -265,11 +268,11 @@ class TritonClient:
                 if attempt == 1 and method == "POST":
                     lost = e
                     continue
-                raise self._failure(what, e) from None
+                raise self._failure(what, e, where) from None
             except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as e:
                 if lost is not None:  # the retry could not even connect: the lost request is what went wrong
-                    raise self._failure(what, lost) from None
-                raise self._failure(what, e) from None
+                    raise self._failure(what, lost, where) from None
+                raise self._failure(what, e, where) from None
             try:
                 data = await self._read(resp, cap, what)
             except TritonUnreachable:
@@ -277,7 +280,7 @@ class TritonClient:
                 raise
             except (aiohttp.ClientError, OSError, TimeoutError) as e:
                 resp.close()
-                raise self._failure(what, e) from None
+                raise self._failure(what, e, where) from None
             except BaseException:  # cancelled at the deadline: abort, never hand a half-read connection back
                 resp.close()
                 raise
@@ -358,7 +361,7 @@ class TritonClient:
 
     async def metrics_page(self, url: str) -> str:
         """Triton's Prometheus text page (its metrics port), bounded by METRICS_CAP."""
-        status, _, data = await self._exchange("GET", url, "Triton metrics", cap=METRICS_CAP)
+        status, _, data = await self._exchange("GET", url, "Triton metrics", cap=METRICS_CAP, where=url)
         if status != 200:
             raise TritonRequestError(f"HTTP {status}")
         try:

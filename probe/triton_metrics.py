@@ -53,8 +53,8 @@ class MetricsPage:
             page = Page(self._clock(), None, f"Triton metrics {self.url}: no answer within {self._timeout:g}s")
         except TritonRequestError as e:
             page = Page(self._clock(), None, f"Triton metrics {self.url}: {e}")
-        except TritonUnreachable as e:
-            page = Page(self._clock(), None, f"cannot read Triton metrics {self.url}: {e}")
+        except TritonUnreachable as e:  # "Triton metrics: cannot connect to <url>: <why>"
+            page = Page(self._clock(), None, f"cannot read {e}")
         self._last = page
         return page
 

@@ -25,7 +25,7 @@ def record_and_check(tmp_path: Path, triton: TritonServer, canaries: list[dict[s
 def test_record_then_check_passes_for_several_datatypes(tmp_path: Path, healthy_triton: TritonServer) -> None:
     cfg = record_and_check(tmp_path, healthy_triton, [DEMO_CANARY, TYPED_CANARY])
     golden = json.loads((tmp_path / "golden" / "typed.json").read_text())
-    assert golden["format"] == 1
+    assert golden["format"] == 2
     outs = golden["records"][0]["outputs"]
     assert {o["datatype"] for o in outs.values()} == {"BOOL", "BYTES", "FP16", "UINT64", "INT8"}
     assert golden["records"][0]["environment"]["triton"] == "2.51.0"

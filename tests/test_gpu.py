@@ -751,7 +751,7 @@ async def test_triton_metrics_server_down_is_an_error_sample(aiohttp_server: Ser
     try:
         await wait_until(sampler.latest, what="the first metrics sample")
         result = GpuCheck(sampler, cfg).now()
-        assert not result.ok and result.reason.startswith(f"cannot read Triton metrics {url}")
+        assert not result.ok and result.reason.startswith(f"cannot read Triton metrics: cannot connect to {url}: ")
     finally:
         await sampler.stop_sampling()
         await session.close()

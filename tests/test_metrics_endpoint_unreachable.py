@@ -20,10 +20,10 @@ from aioresponses import aioresponses
 from prometheus_client import CollectorRegistry
 
 from probe.config import GpuConfig
-from probe.gpu import TritonMetricsSampler
 from probe.metrics import Metrics
 from probe.queue import QueueWatcher
-from probe.triton import TritonUnreachable
+from probe.triton import TritonClient, TritonUnreachable
+from probe.triton_metrics import MetricsPage, TritonMetricsSampler
 from tests.helpers import async_wait_for
 
 MISSPELT = "http://trtion-metrics.inference.svc:8002/metrics"
@@ -67,11 +67,12 @@ CASES = [
 async def test_gpu_sample_says_why_triton_metrics_cannot_be_read(url: str, error: Any, cause: str) -> None:
     with aioresponses() as mocked:
         mocked.get(url, exception=error(url), repeat=True)
-        async with aiohttp.ClientSession() as session:
-            sample = await TritonMetricsSampler(GpuConfig(interval=0.05), url).fetch_once(session)
+        async with TritonClient("127.0.0.1:1") as client:
+            sampler = TritonMetricsSampler(GpuConfig(interval=0.05), MetricsPage(client, url, timeout=0.05))
+            sample = await sampler.fetch_once()
     assert sample.devices == ()
     assert sample.error is not None and "\n" not in sample.error
-    assert sample.error.startswith(f"cannot read Triton metrics {url}: "), sample.error
+    assert sample.error.startswith(f"cannot read Triton metrics: cannot connect to {url}: "), sample.error
     assert cause in sample.error, sample.error
 
 
@@ -80,14 +81,14 @@ async def test_gpu_sampler_keeps_polling_an_unreachable_endpoint(url: str, error
     """Each round publishes the error as a sample (the gpu check fails with it); the task never dies."""
     with aioresponses() as mocked:
         mocked.get(url, exception=error(url), repeat=True)
-        async with aiohttp.ClientSession() as session:
-            sampler = TritonMetricsSampler(GpuConfig(interval=0.05), url)
-            await sampler.start(session)
+        async with TritonClient("127.0.0.1:1") as client:
+            sampler = TritonMetricsSampler(GpuConfig(interval=0.05), MetricsPage(client, url, timeout=0.05))
+            await sampler.start_sampling()
             try:
                 first = await async_wait_for(_latest(sampler), 5, "a first sample")
                 later = await async_wait_for(_newer_than(sampler, first.taken_at), 5, "a second round")
             finally:
-                await sampler.stop()
+                await sampler.stop_sampling()
     assert cause in (later.error or ""), later
 
 
@@ -118,10 +119,11 @@ async def test_queue_watcher_leaves_the_gauge_unset_when_the_endpoint_is_unreach
     url: str, error: Any, cause: str
 ) -> None:
     metrics = Metrics(CollectorRegistry())
-    watcher = QueueWatcher(TritonWithoutStatistics(), [("resnet50", "")], metrics, url, period=0.05)  # type: ignore[arg-type]
     with aioresponses() as mocked:
         mocked.get(url, exception=error(url), repeat=True)
-        async with aiohttp.ClientSession() as session:
-            await asyncio.wait_for(watcher.poll_once(session), 5)
+        async with TritonClient("127.0.0.1:1") as client:
+            page = MetricsPage(client, url, timeout=0.05)
+            watcher = QueueWatcher(TritonWithoutStatistics(), [("resnet50", "")], metrics, page, period=0.05)  # type: ignore[arg-type]
+            await asyncio.wait_for(watcher.poll_once(), 5)
     pending = metrics.registry.get_sample_value("probe_triton_queue_pending_requests", {"model": "resnet50"})
     assert pending is None, "no value is better than a made-up 0 when the endpoint cannot be read"
