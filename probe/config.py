@@ -21,21 +21,24 @@ from urllib.parse import urlsplit
 
 import yaml
 
-DATATYPES = (
-    "BOOL",
-    "UINT8",
-    "UINT16",
-    "UINT32",
-    "UINT64",
-    "INT8",
-    "INT16",
-    "INT32",
-    "INT64",
-    "FP16",
-    "FP32",
-    "FP64",
-    "BYTES",
-)
+# Triton's datatypes and the numpy dtype each is carried in (little-endian on the wire); the one table the rest is
+# derived from (probe.tensors.NUMPY_DTYPES builds the dtypes; this module stays free of numpy).
+DATATYPE_DTYPES = {
+    "BOOL": "|b1",
+    "UINT8": "<u1",
+    "UINT16": "<u2",
+    "UINT32": "<u4",
+    "UINT64": "<u8",
+    "INT8": "<i1",
+    "INT16": "<i2",
+    "INT32": "<i4",
+    "INT64": "<i8",
+    "FP16": "<f2",
+    "FP32": "<f4",
+    "FP64": "<f8",
+    "BYTES": "|O",
+}
+DATATYPES = tuple(DATATYPE_DTYPES)
 
 # Letters, digits, '_', '-', '.'; '.' and '..' alone are refused separately because they name directories.
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")

@@ -20,26 +20,12 @@ from typing import Any
 import numpy as np
 import xxhash
 
-from probe.config import CANARY_INPUT_MAX_BYTES, CanaryConfig, InputSpec, clip, format_bytes
+from probe.config import CANARY_INPUT_MAX_BYTES, DATATYPE_DTYPES, CanaryConfig, InputSpec, clip, format_bytes
 
 DIGEST_PREFIX = "xxh3_128:"
 _MAGIC = b"probe-tensor-v1\0"
 
-NUMPY_DTYPES: dict[str, np.dtype[Any]] = {
-    "BOOL": np.dtype(np.bool_),
-    "UINT8": np.dtype("<u1"),
-    "UINT16": np.dtype("<u2"),
-    "UINT32": np.dtype("<u4"),
-    "UINT64": np.dtype("<u8"),
-    "INT8": np.dtype("<i1"),
-    "INT16": np.dtype("<i2"),
-    "INT32": np.dtype("<i4"),
-    "INT64": np.dtype("<i8"),
-    "FP16": np.dtype("<f2"),
-    "FP32": np.dtype("<f4"),
-    "FP64": np.dtype("<f8"),
-    "BYTES": np.dtype(np.object_),
-}
+NUMPY_DTYPES: dict[str, np.dtype[Any]] = {name: np.dtype(code) for name, code in DATATYPE_DTYPES.items()}
 
 
 class InputError(ValueError):
@@ -71,17 +57,6 @@ def read_npy_header(f: Any) -> tuple[tuple[int, ...], bool, np.dtype[Any]]:
     except (ValueError, EOFError, SyntaxError, TypeError) as e:
         raise NpyHeaderError(f"not a readable npy header: {clip(str(e))}") from None
     return tuple(int(d) for d in shape), bool(fortran), np.dtype(dtype)
-
-
-def triton_datatype(arr: np.ndarray[Any, Any]) -> str:
-    """The Triton datatype name of a numpy array (object and bytes arrays are BYTES)."""
-    kind = arr.dtype
-    if kind == np.object_ or kind.kind in ("S", "U"):
-        return "BYTES"
-    for name, dt in NUMPY_DTYPES.items():
-        if name != "BYTES" and dt == kind.newbyteorder("<"):
-            return name
-    raise ValueError(f"no Triton datatype for numpy dtype {kind}")
 
 
 def _bytes_element(v: Any) -> bytes:

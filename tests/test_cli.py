@@ -27,20 +27,3 @@ def test_each_command_explains_itself_and_its_exit_codes() -> None:
         description = done.stdout.split("\n\n")[1]
         assert len(description.split()) > 8, (command, description)
 
-
-def test_streaming_canaries_are_refused_until_they_can_be_checked(tmp_path: Path) -> None:
-    cfg = tmp_path / "probe.yaml"
-    cfg.write_text(
-        "canaries:\n"
-        "  - name: chat\n"
-        "    model: demo_llm\n"
-        "    protocol: generate_stream\n"
-        "    request: {text_input: 'The capital of France is', max_tokens: 4}\n"
-    )
-    for command in ("check", "record", "validate", "serve"):
-        done = run_cli(command, "-c", str(cfg))
-        assert done.returncode == 1, command
-        assert done.stderr.splitlines() == [
-            "probe: config error: canaries chat: protocol generate / generate_stream is not yet supported by check, "
-            "record, serve or validate in this version of probe"
-        ], command

@@ -196,7 +196,8 @@ def test_validate_config_only_passes_the_shipped_configs_before_anything_is_reco
     path = REPO / "configs" / config
     proc = run_cli("validate", "--config-only", "-c", str(path))
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout == f"ok: {path}: 1 canary, config valid (golden files not checked)\n"
+    canaries = {"demo.yaml": "2 canaries", "probe.yaml": "1 canary"}[config]
+    assert proc.stdout == f"ok: {path}: {canaries}, config valid (golden files not checked)\n"
     assert proc.stderr == ""
 
 
