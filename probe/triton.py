@@ -427,7 +427,7 @@ class TritonClient:
             if header_length > JSON_CAP:
                 raise ReplyTooLarge(f"{what}: reply too large (JSON header of {header_length} bytes)")
             response = self._parse_response(bytes(body[:header_length])).get_response()
-            view = memoryview(body)[header_length:]
+            view = memoryview(body).toreadonly()[header_length:]  # the documented read-only views
             got: dict[str, tuple[str, np.ndarray[Any, Any]]] = {}
             offset = 0
             for out in response.get("outputs", []):
