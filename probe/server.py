@@ -176,6 +176,7 @@ def make_handler(health: Health, *, metrics: Metrics | None = None) -> Callable[
             resp = web.Response(body=body)
             resp.headers["Content-Type"] = ctype
             resp.headers["Server"] = SERVER
+            resp.headers["X-Content-Type-Options"] = "nosniff"  # like every other answer
             return resp
         kind, _, name = path[1:].partition("/")
         verdict = await (health.ready() if kind == READY else health.live())
