@@ -45,6 +45,14 @@ ANSWER_SLACK = 0.05
 HEAD_DEADLINE_S = 5.0
 # File descriptors kept back from the connection cap: Triton connections, golden files, NVML, logs.
 FD_RESERVE = 64
+# asyncio accepts up to `backlog` connections per wake-up of the listening socket, and an accepted connection holds
+# its fd for about three loop turns before the eviction it triggers has closed another one. With the usual 128 a
+# reconnecting flood at the cap ran the process out of fds, and asyncio then stops accepting for a whole second
+# (kubelet probes took 1-2 s). So the burst is small, and the cap keeps room for three of them...
+ACCEPT_BURST = 16
+# ...while the kernel's queue of connections not yet accepted, which hold no fd of ours, stays long: a kubelet
+# connecting amid the flood waits in it for a few ms instead of having its SYN dropped (a 1 s retransmit).
+LISTEN_QUEUE = 1024
 MAX_CONNECTIONS = 4096
 LIMIT_LOG_EVERY_S = 10.0
 READY, LIVE = "ready", "live"
@@ -264,7 +272,8 @@ class ProbeServer(web.Server):
 
 
 def connection_cap(reserve: int = FD_RESERVE) -> int:
-    """Raise the soft fd limit to the hard one, and cap connections below it with `reserve` kept back."""
+    """Raise the soft fd limit to the hard one, and cap connections below it with `reserve`, and room for three
+    accept bursts, kept back."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY or hard > soft:
         target = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
@@ -273,7 +282,22 @@ def connection_cap(reserve: int = FD_RESERVE) -> int:
             soft = target
         except (ValueError, OSError):
             pass
-    return max(8, min(MAX_CONNECTIONS, soft - reserve))
+    return max(8, min(MAX_CONNECTIONS, soft - reserve - 3 * ACCEPT_BURST))
+
+
+class _Site(web.TCPSite):
+    """aiohttp's TCP site accepting ACCEPT_BURST connections per wake-up, with a LISTEN_QUEUE long kernel queue."""
+
+    async def start(self) -> None:
+        await super().start()
+        if isinstance(self._server, asyncio.Server):
+            for sock in self._server.sockets:
+                # asyncio's socket wrapper has no listen(); a duplicate fd is the same listening socket.
+                widened = sock.dup()
+                try:
+                    widened.listen(LISTEN_QUEUE)
+                finally:
+                    widened.close()
 
 
 class Serving:
@@ -313,8 +337,7 @@ async def serve(
     )
     runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=1.0)
     await runner.setup()
-    # backlog 128, not 1024: at the fd limit CPython's accept loop retries `backlog` times per wake-up.
-    site = web.TCPSite(runner, host, port, backlog=128, reuse_address=True)
+    site = _Site(runner, host, port, backlog=ACCEPT_BURST, reuse_address=True)
     try:
         await site.start()
     except BaseException:
