@@ -8,9 +8,9 @@ health-check draft.
 What the listener guards against, since the pod IP is reachable by anything in the cluster:
 - a request head must arrive whole within `HEAD_DEADLINE_S` of the connection opening or of the previous answer
   (aiohttp's keep-alive timer runs from the connection's start and closes a handler still waiting for its head);
-- connections are capped below the fd limit with a reserve kept back, and at the cap the oldest connection is
-  closed for the new one: slow or idle clients are evicted, and a kubelet probe always gets through; one log line
-  per interval says so, never a traceback per accept;
+- connections are capped below the fd limit with a reserve kept back, and at the cap the oldest connection that
+  is not being answered is closed for the new one: slow or idle clients are evicted, and a kubelet probe always
+  gets through; one log line per interval says so, never a traceback per accept;
 - aiohttp's own error pages (bad request heads) are replaced by one short line that echoes nothing, with
   `Server: probe/<version>` like every other answer.
 """
@@ -233,7 +233,16 @@ class ProbeServer(web.Server):
         logger: logging.Logger | None = None,
         **kwargs: Any,
     ) -> None:
-        super().__init__(handler, **kwargs)
+        self._busy: set[RequestHandler] = set()
+
+        async def tracked(request: web.BaseRequest) -> Any:
+            self._busy.add(request.protocol)
+            try:
+                return await handler(request)
+            finally:
+                self._busy.discard(request.protocol)
+
+        super().__init__(tracked, **kwargs)
         self.max_connections = max_connections
         self._handler_kwargs = kwargs
         self._open: dict[RequestHandler, asyncio.Transport] = {}
@@ -249,9 +258,10 @@ class ProbeServer(web.Server):
         super().connection_made(handler, transport)
         self._open[handler] = transport
         while len(self._open) > self.max_connections:
-            oldest, victim = next(iter(self._open.items()))
-            del self._open[oldest]
-            victim.abort()
+            # The oldest connection not being answered: a request in progress (a kubelet probe waiting on a run) is
+            # never cut for a newer connection; it ends within probe.timeout anyway. All busy: the oldest.
+            oldest = next((h for h in self._open if h not in self._busy), None) or next(iter(self._open))
+            self._open.pop(oldest).abort()
             self._evicted += 1
             self.evicted_total += 1
         if self._evicted:
