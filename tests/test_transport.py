@@ -568,6 +568,91 @@ async def test_a_40_mb_json_reply_is_refused_within_the_probe_timeout(
     assert c.seconds < PROBE_TIMEOUT / 2
 
 
+async def _max_loop_gap(stop: asyncio.Event) -> float:
+    """The longest the event loop went without running this task, until `stop` is set."""
+    gap, last = 0.0, time.perf_counter()
+    while not stop.is_set():
+        await asyncio.sleep(0.005)
+        now = time.perf_counter()
+        gap, last = max(gap, now - last), now
+    return gap
+
+
+def _bytes_reply(elements: int) -> bytes:
+    """An inference reply whose BYTES output S holds `elements` empty strings: 4 bytes each on the wire."""
+    data = b"\0" * (4 * elements)
+    header = json.dumps(
+        {
+            "outputs": [
+                {"name": "S", "datatype": "BYTES", "shape": [elements], "parameters": {"binary_data_size": len(data)}}
+            ]
+        }
+    ).encode()
+    return http(200, header + data, f"Inference-Header-Content-Length: {len(header)}")
+
+
+async def test_a_bytes_output_of_millions_of_elements_neither_blocks_the_loop_nor_outlives_the_deadline(
+    tmp_path: Path, peer: ScriptedPeer, client: TritonClient
+) -> None:
+    """Within the fallback cap (BYTES outputs have no size in the golden) 4 Mi empty strings are 16 MiB: seconds of
+    decoding, which must yield to the loop (/live/ping is answered meanwhile) and end at the canary's deadline."""
+    peer.answer(_bytes_reply(4 * 1024 * 1024))
+    stop = asyncio.Event()
+    ticker = asyncio.create_task(_max_loop_gap(stop))
+    t0 = time.perf_counter()
+    try:
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(PROBE_TIMEOUT):
+                await infer(client, demo_canary(tmp_path, peer.url))
+    finally:
+        took = time.perf_counter() - t0
+        stop.set()
+        gap = await ticker
+    print(f"4 Mi BYTES elements: cancelled after {took * 1000:.0f} ms, longest loop stall {gap * 1000:.1f} ms")
+    assert took < PROBE_TIMEOUT + 0.1 and gap < 0.1
+
+
+async def test_a_bytes_output_decodes_as_tritonclient_does(
+    tmp_path: Path, peer: ScriptedPeer, client: TritonClient
+) -> None:
+    words = [b"hello", "w\u00f6rld".encode(), b"", b"x" * 300]
+    data = b"".join(len(w).to_bytes(4, "little") + w for w in words)
+    header = json.dumps(
+        {
+            "outputs": [
+                {"name": "S", "datatype": "BYTES", "shape": [2, 2], "parameters": {"binary_data_size": len(data)}}
+            ]
+        }
+    ).encode()
+    peer.answer(http(200, header + data, f"Inference-Header-Content-Length: {len(header)}"))
+    outcome = await infer(client, demo_canary(tmp_path, peer.url))
+    datatype, arr = outcome.outputs["S"]
+    assert datatype == "BYTES" and arr.dtype == np.object_ and arr.shape == (2, 2)
+    assert arr.reshape(-1).tolist() == words
+
+
+@pytest.mark.parametrize(
+    ("shape", "data", "detail"),
+    [
+        ([3], b"\0\0\0\0", "output S: 3 BYTES elements announced in 4 bytes"),
+        ([2], b"\x04\0\0\0abcd", "output S: 2 BYTES elements announced, 1 sent"),
+        ([1], b"\x09\0\0\0abc", "output S: a BYTES element runs past the output"),
+        ([1], b"\0\0\0\0\0\0\0\0", "output S: 4 bytes beyond its 1 BYTES elements"),
+        ([1000000000000], b"\0\0\0\0", "output S: 1000000000000 BYTES elements announced in 4 bytes"),
+    ],
+)
+async def test_a_bytes_output_that_does_not_add_up_is_malformed(
+    tmp_path: Path, peer: ScriptedPeer, client: TritonClient, shape: list[int], data: bytes, detail: str
+) -> None:
+    header = json.dumps(
+        {"outputs": [{"name": "S", "datatype": "BYTES", "shape": shape, "parameters": {"binary_data_size": len(data)}}]}
+    ).encode()
+    peer.answer(http(200, header + data, f"Inference-Header-Content-Length: {len(header)}"))
+    with pytest.raises(TritonUnreachable) as e:
+        await infer(client, demo_canary(tmp_path, peer.url))
+    assert str(e.value) == f"canary demo inference: malformed reply from {peer.url}: {detail}"
+
+
 def test_the_golden_sizes_the_canary_cap(tmp_path: Path) -> None:
     golden = demo_golden(demo_canary(tmp_path))
     assert reply_cap(golden, 64 * MiB) == 2 * (10 * 4 + 8) + JSON_CAP
