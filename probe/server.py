@@ -8,9 +8,9 @@ health-check draft.
 What the listener guards against, since the pod IP is reachable by anything in the cluster:
 - a request head must arrive whole within `HEAD_DEADLINE_S` of the connection opening or of the previous answer
   (aiohttp's keep-alive timer runs from the connection's start and closes a handler still waiting for its head);
-- connections are capped below the fd limit with a reserve kept back, and at the cap the oldest connection is
-  closed for the new one: slow or idle clients are evicted, and a kubelet probe always gets through; one log line
-  per interval says so, never a traceback per accept;
+- connections are capped below the fd limit with a reserve kept back, and at the cap the oldest connection that
+  is not being answered is closed for the new one: slow or idle clients are evicted, and a kubelet probe always
+  gets through; one log line per interval says so, never a traceback per accept;
 - aiohttp's own error pages (bad request heads) are replaced by one short line that echoes nothing, with
   `Server: probe/<version>` like every other answer.
 """
@@ -47,6 +47,14 @@ ANSWER_SLACK = 0.05
 HEAD_DEADLINE_S = 5.0
 # File descriptors kept back from the connection cap: Triton connections, golden files, NVML, logs.
 FD_RESERVE = 64
+# asyncio accepts up to `backlog` connections per wake-up of the listening socket, and an accepted connection holds
+# its fd for about three loop turns before the eviction it triggers has closed another one. With the usual 128 a
+# reconnecting flood at the cap ran the process out of fds, and asyncio then stops accepting for a whole second
+# (kubelet probes took 1-2 s). So the burst is small, and the cap keeps room for three of them...
+ACCEPT_BURST = 16
+# ...while the kernel's queue of connections not yet accepted, which hold no fd of ours, stays long: a kubelet
+# connecting amid the flood waits in it for a few ms instead of having its SYN dropped (a 1 s retransmit).
+LISTEN_QUEUE = 1024
 MAX_CONNECTIONS = 4096
 LIMIT_LOG_EVERY_S = 10.0
 READY, LIVE = "ready", "live"
@@ -211,6 +219,7 @@ def make_handler(
             resp = web.Response(body=body)
             resp.headers["Content-Type"] = ctype
             resp.headers["Server"] = SERVER
+            resp.headers["X-Content-Type-Options"] = "nosniff"  # like every other answer
             return resp
         kind, _, name = path[1:].partition("/")
         verdict = await (health.ready() if kind == READY else health.live())
@@ -260,7 +269,16 @@ class ProbeServer(web.Server):
         logger: logging.Logger | None = None,
         **kwargs: Any,
     ) -> None:
-        super().__init__(handler, **kwargs)
+        self._busy: set[RequestHandler] = set()
+
+        async def tracked(request: web.BaseRequest) -> Any:
+            self._busy.add(request.protocol)
+            try:
+                return await handler(request)
+            finally:
+                self._busy.discard(request.protocol)
+
+        super().__init__(tracked, **kwargs)
         self.max_connections = max_connections
         self._handler_kwargs = kwargs
         self._open: dict[RequestHandler, asyncio.Transport] = {}
@@ -276,9 +294,10 @@ class ProbeServer(web.Server):
         super().connection_made(handler, transport)
         self._open[handler] = transport
         while len(self._open) > self.max_connections:
-            oldest, victim = next(iter(self._open.items()))
-            del self._open[oldest]
-            victim.abort()
+            # The oldest connection not being answered: a request in progress (a kubelet probe waiting on a run) is
+            # never cut for a newer connection; it ends within probe.timeout anyway. All busy: the oldest.
+            oldest = next((h for h in self._open if h not in self._busy), None) or next(iter(self._open))
+            self._open.pop(oldest).abort()
             self._evicted += 1
             self.evicted_total += 1
         if self._evicted:
@@ -299,7 +318,8 @@ class ProbeServer(web.Server):
 
 
 def connection_cap(reserve: int = FD_RESERVE) -> int:
-    """Raise the soft fd limit to the hard one, and cap connections below it with `reserve` kept back."""
+    """Raise the soft fd limit to the hard one, and cap connections below it with `reserve`, and room for three
+    accept bursts, kept back."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY or hard > soft:
         target = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
@@ -308,7 +328,22 @@ def connection_cap(reserve: int = FD_RESERVE) -> int:
             soft = target
         except (ValueError, OSError):
             pass
-    return max(8, min(MAX_CONNECTIONS, soft - reserve))
+    return max(8, min(MAX_CONNECTIONS, soft - reserve - 3 * ACCEPT_BURST))
+
+
+class _Site(web.TCPSite):
+    """aiohttp's TCP site accepting ACCEPT_BURST connections per wake-up, with a LISTEN_QUEUE long kernel queue."""
+
+    async def start(self) -> None:
+        await super().start()
+        if isinstance(self._server, asyncio.Server):
+            for sock in self._server.sockets:
+                # asyncio's socket wrapper has no listen(); a duplicate fd is the same listening socket.
+                widened = sock.dup()
+                try:
+                    widened.listen(LISTEN_QUEUE)
+                finally:
+                    widened.close()
 
 
 class Serving:
@@ -349,8 +384,7 @@ async def serve(
     )
     runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=1.0)
     await runner.setup()
-    # backlog 128, not 1024: at the fd limit CPython's accept loop retries `backlog` times per wake-up.
-    site = web.TCPSite(runner, host, port, backlog=128, reuse_address=True)
+    site = _Site(runner, host, port, backlog=ACCEPT_BURST, reuse_address=True)
     try:
         await site.start()
     except BaseException:

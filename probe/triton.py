@@ -12,9 +12,12 @@ Every call raises one of two exceptions with a one-line reason, so checks can tu
 
 from __future__ import annotations
 
+import asyncio
 import json
+import math
 import re
 import ssl as ssl_module
+import struct
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -35,6 +38,10 @@ METRICS_CAP = 8 * 1024 * 1024
 BACKSTOP_S = 60.0
 # Idle pooled connections to Triton are closed after this long (Triton's own keep-alive is longer).
 CLIENT_KEEPALIVE_S = 15.0
+# BYTES elements decoded between two yields to the event loop. A BYTES output's size is not in the golden, so its
+# reply is capped by triton.max_reply only, and millions of tiny strings within it are seconds of pure Python: the
+# canary's deadline must still cancel the decode, and /live/ping be answered meanwhile.
+BYTES_SLICE = 4096
 
 
 class TritonUnreachable(Exception):
@@ -141,17 +148,15 @@ class TritonClient:
         self._requests: dict[str, _Request] = {}
         self._parse_response: Any = None
         self._np_dtype: Any = None
-        self._deserialize_bytes: Any = None
         self.failures = 0
         """Calls that got no good answer so far, a cancelled canary included (vouching for readiness stops there)."""
 
     async def open(self) -> None:
         import tritonclient.http.aio as aio  # deferred: importing tritonclient is slow and not needed to validate
-        from tritonclient.utils import deserialize_bytes_tensor, triton_to_np_dtype
+        from tritonclient.utils import triton_to_np_dtype
 
         self._parse_response = aio.InferenceServerClient.parse_response_body
         self._np_dtype = triton_to_np_dtype
-        self._deserialize_bytes = deserialize_bytes_tensor
         if self._session is None:
             connector = aiohttp.TCPConnector(
                 limit=self._conn_limit,
@@ -418,13 +423,13 @@ class TritonClient:
             latency = time.perf_counter() - start
             if status != 200:
                 raise TritonRequestError(f"{what}: {_error_text(status, body)}")
-            got = self._decode(what, headers, body)
+            got = await self._decode(what, headers, body)
         except BaseException:  # cancellation included: readiness is no longer vouched for
             self.failures += 1
             raise
         return InferOutcome(outputs=got, latency_s=latency)
 
-    def _decode(
+    async def _decode(
         self, what: str, headers: Mapping[str, str], body: bytearray
     ) -> dict[str, tuple[str, np.ndarray[Any, Any]]]:
         """The outputs of an inference reply: the JSON header through tritonclient, binary tensors as views."""
@@ -436,7 +441,7 @@ class TritonClient:
             if header_length > JSON_CAP:
                 raise ReplyTooLarge(f"{what}: reply too large (JSON header of {header_length} bytes)")
             response = self._parse_response(bytes(body[:header_length])).get_response()
-            view = memoryview(body)[header_length:]
+            view = memoryview(body).toreadonly()[header_length:]  # the documented read-only views
             got: dict[str, tuple[str, np.ndarray[Any, Any]]] = {}
             offset = 0
             for out in response.get("outputs", []):
@@ -451,7 +456,7 @@ class TritonClient:
                         raise ValueError(f"output {name}: {size} bytes announced, {len(part)} sent")
                     offset += int(size)
                     if datatype == "BYTES":
-                        arr = self._deserialize_bytes(bytes(part))
+                        arr = await _bytes_tensor(name, part, math.prod(shape))
                     else:
                         arr = np.frombuffer(part, dtype=self._np_dtype(datatype))
                 got[name] = (datatype, arr.reshape(shape))
@@ -461,6 +466,30 @@ class TritonClient:
         except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
             # Not Triton's answer: JSON that does not parse or is not an object, sizes that do not add up.
             raise TritonUnreachable(f"{what}: malformed reply from {self.url}: {one_line(e)}") from None
+
+
+async def _bytes_tensor(name: str, part: memoryview, count: int) -> np.ndarray[Any, Any]:
+    """A BYTES output's `count` length-prefixed elements as a 1-D object array of bytes (what tritonclient's
+    `deserialize_bytes_tensor` returns), yielding to the event loop every BYTES_SLICE elements."""
+    end = len(part)
+    if count * 4 > end:  # every element takes at least its 4-byte length
+        raise ValueError(f"output {name}: {count} BYTES elements announced in {end} bytes")
+    out = np.empty(count, dtype=np.object_)
+    offset = 0
+    for i in range(count):
+        if i and i % BYTES_SLICE == 0:
+            await asyncio.sleep(0)
+        if offset + 4 > end:
+            raise ValueError(f"output {name}: {count} BYTES elements announced, {i} sent")
+        (length,) = struct.unpack_from("<I", part, offset)
+        offset += 4
+        if offset + length > end:
+            raise ValueError(f"output {name}: a BYTES element runs past the output")
+        out[i] = bytes(part[offset : offset + length])
+        offset += length
+    if offset != end:
+        raise ValueError(f"output {name}: {end - offset} bytes beyond its {count} BYTES elements")
+    return out
 
 
 def _error_text(status: int, data: bytes | bytearray) -> str:
