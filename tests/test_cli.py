@@ -26,4 +26,3 @@ def test_each_command_explains_itself_and_its_exit_codes() -> None:
         assert "exit codes:" in done.stdout, command
         description = done.stdout.split("\n\n")[1]
         assert len(description.split()) > 8, (command, description)
-

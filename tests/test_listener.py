@@ -45,7 +45,7 @@ class PassingCheck:
         return [failed("triton", Kind.SERVER, "timed out", restart_worthy=True)]
 
 
-def _metrics() -> tuple[bytes, str]:
+def _metrics(environment: bool) -> tuple[bytes, str]:
     return b"probe_ready 1.0\n", "text/plain; version=0.0.4; charset=utf-8"
 
 
@@ -62,7 +62,7 @@ async def start() -> AsyncIterator[Start]:
     """Factory: a real `serve()` on 127.0.0.1:0 over one passing check; closed after the test."""
     started: list[Serving] = []
 
-    async def go(*, head_deadline: float = 5.0, metrics: Callable[[], tuple[bytes, str]] = _metrics) -> Serving:
+    async def go(*, head_deadline: float = 5.0, metrics: Callable[[bool], tuple[bytes, str]] = _metrics) -> Serving:
         w = wired([PassingCheck()])
         health = Health(w.runner, w.liveness, timeout=0.5)
         serving = await serve(health, "127.0.0.1", 0, metrics=metrics, max_connections=64, head_deadline=head_deadline)
@@ -162,7 +162,7 @@ async def test_every_answer_is_probes_own_and_echoes_nothing(start: Start, case:
 
 
 async def test_a_handler_that_raises_answers_500_as_probe(start: Start) -> None:
-    def broken() -> tuple[bytes, str]:
+    def broken(environment: bool) -> tuple[bytes, str]:
         raise RuntimeError(f"metrics broke near {MARKER}")
 
     serving = await start(metrics=broken)

@@ -413,13 +413,14 @@ async def test_a_stale_keep_alive_connection_is_retried_once(
 async def test_a_lost_request_whose_retry_cannot_connect_says_server_disconnected(
     tmp_path: Path, peer: ScriptedPeer, client: TritonClient
 ) -> None:
-    canary = demo_canary(tmp_path, peer.url)
+    url = peer.url
+    canary = demo_canary(tmp_path, url)
     peer.answer(good_reply())
     peer.answer(STOP)
     await infer(client, canary)
     with pytest.raises(TritonUnreachable) as e:
         await infer(client, canary)
-    assert str(e.value) == "canary demo inference: Server disconnected"
+    assert str(e.value) == f"canary demo inference: cannot connect to Triton at {url}: Server disconnected"
     assert len(peer.seen) == 2
 
 
@@ -431,7 +432,7 @@ async def test_a_request_lost_twice_is_not_retried_again(
     peer.answer(good_reply())
     with pytest.raises(TritonUnreachable) as e:
         await infer(client, demo_canary(tmp_path, peer.url))
-    assert str(e.value) == "canary demo inference: Server disconnected"
+    assert str(e.value) == f"canary demo inference: cannot connect to Triton at {peer.url}: Server disconnected"
     assert len(peer.seen) == 2
 
 
