@@ -106,7 +106,12 @@ class Sidecar:
             await asyncio.sleep(10.0)
 
 
-def _gpu_sampler(cfg: Config, page: MetricsPage, visible_devices: str | None, nvml_library: str | None) -> Any:
+def gpu_sampler(
+    cfg: Config, page: MetricsPage, visible_devices: str | None, nvml_library: str | None
+) -> GpuSampler | None:
+    """The sampler for `gpu.source`: NVML's (the only importer of pynvml), Triton's metrics page, or none."""
+    if cfg.gpu.source == "none":
+        return None
     if cfg.gpu.source == "nvml":
         from probe.gpu import NvmlSampler
 
@@ -148,10 +153,9 @@ def build_sidecar(
     if visible_devices is None:
         visible_devices = os.environ.get("NVIDIA_VISIBLE_DEVICES")
     page = MetricsPage(client, derived_metrics_url(cfg), timeout=min(cfg.gpu.interval, 2.0))
-    gpu: GpuSampler | None = None
+    gpu = gpu_sampler(cfg, page, visible_devices, nvml_library)
     nvml_reader = None
-    if cfg.gpu.source != "none":
-        gpu = _gpu_sampler(cfg, page, visible_devices, nvml_library)
+    if gpu is not None:
 
         def nvml_reader() -> dict[str, Any]:
             from probe.gpu import nvml_environment
