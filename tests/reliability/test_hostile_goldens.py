@@ -16,10 +16,14 @@ import time
 import zipfile
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import TritonServer
 from tests.helpers import DEMO_CANARY, REPO, run_cli, write_config
 from tests.hostile import npy_header, write_npz, write_zero_bomb_npz
 from tests.reliability.harness import Expect, Sidecar, StartSidecar
+
+pytestmark = pytest.mark.triton
 
 TOLERANCE = {"compare": {"mode": "tolerance", "rtol": 1e-5, "atol": 1e-6}}
 ON_TRITON = ("triton", "model/demo")
