@@ -121,6 +121,9 @@ class CanaryCheck:
             model = CheckResult(last.name, last.kind, last.status, f"{last.reason.split(' (not re-asked')[0]} ({note})")
         return model, canary, self._latency()
 
+    async def explain_timeout(self, after: float) -> tuple[CheckResult, CheckResult, CheckResult]:
+        return self.timed_out(after)
+
     async def _ask_model(self) -> CheckResult:
         c = self.canary
         try:
