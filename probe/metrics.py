@@ -85,12 +85,24 @@ class Metrics:
             ["model"],
             registry=registry,
         )
+        self.saturated = Gauge(
+            "probe_saturated",
+            "1 while the canary's last miss was judged saturated (its model kept completing other requests with some "
+            "pending), else 0",
+            ["canary"],
+            registry=registry,
+        )
         self.asyncio_tasks = Gauge(
             "probe_asyncio_tasks",
             "asyncio tasks alive in the sidecar when scraped (connections, runs, background work); a rise is a leak",
             registry=registry,
         )
         self.asyncio_tasks.set_function(_asyncio_tasks)
+
+    def declare_canaries(self, names: list[str]) -> None:
+        """Export the per-canary series from the start (0 until something happens)."""
+        for name in names:
+            self.saturated.labels(name).set(0)
 
     def observe_run(self, run: Run, *, ready: bool, live: bool) -> None:
         """One finished run, and the verdicts judged from it (`probe.verdict.readiness`, `Liveness.verdict`)."""
@@ -101,6 +113,7 @@ class Metrics:
             self.observe_check(r)
             if r.kind is Kind.CANARY:
                 canary = name.split("/", 1)[1]
+                self.saturated.labels(canary).set(1.0 if r.details.get("saturated") is True else 0.0)
                 lat = r.details.get("latency_s")
                 if isinstance(lat, float):
                     self.canary_latency.labels(canary).observe(lat)

@@ -6,8 +6,10 @@ one inference: a canary Triton answered proves its model ready, so Triton is ask
 inference did not tell.
 
 The runner bounds the run with the canary's deadline and cancels it when the deadline passes, so a hang becomes a
-fast, explained failure (`timed_out`). A slow but correct canary passes `canary/` (latency is `latency/`'s to
-judge); a mismatch fails it but is never restart-worthy: restarting will not fix a wrong model.
+fast, explained failure; in the budget left, `explain_timeout` asks Triton whether the model kept completing other
+requests meanwhile (`probe.saturation`): saturated is never restart-worthy, hung is. A slow but correct canary passes
+`canary/` (latency is `latency/`'s to judge); a mismatch fails it but is never restart-worthy: restarting will not
+fix a wrong model.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from probe.checks.latency import LatencyTracker, judge_latency
 from probe.config import CanaryConfig
 from probe.environment import EnvironmentProbe
 from probe.golden import Golden, GoldenError, GoldenStore, check_golden_for, compare_outputs, explain_mismatch
+from probe.saturation import CanarySaturation, default_deadline
 from probe.tensors import NUMPY_DTYPES, InputError, build_inputs, input_digest
 from probe.triton import JSON_CAP, TritonClient, TritonRequestError, TritonUnreachable, input_mismatches
 
@@ -46,8 +49,12 @@ class CanaryCheck:
     `canary/` fails when: the golden file is missing, corrupt or recorded for other inputs; the inputs do not fit
     the model; the model is not ready; Triton refuses or errors on the inference (restart-worthy); the reply is
     malformed or too large (restart-worthy); the output differs from every golden record (names, datatype, shape,
-    digest or tolerance); the inference did not finish by the deadline (restart-worthy). `model/` fails while the
+    digest or tolerance); the inference did not finish by the deadline (restart-worthy, unless Triton shows the model
+    saturated: then never restart-worthy, and passing or failing per probe.saturated). `model/` fails while the
     model is loading, unloaded or failed to load, never restart-worthy.
+
+    Without a `timeout` of its own, the canary's deadline keeps back from probe.timeout the time to read Triton's
+    statistics after a miss (`saturation.default_deadline`).
     """
 
     def __init__(
@@ -59,8 +66,10 @@ class CanaryCheck:
         *,
         probe_timeout: float,
         max_reply: int,
+        saturation: CanarySaturation,
     ) -> None:
         self._client = client
+        self.saturation = saturation
         self.canary = canary
         self.golden = golden
         self.tracker = LatencyTracker(canary.latency.window)
@@ -70,7 +79,7 @@ class CanaryCheck:
         self.canary_name = f"canary/{canary.name}"
         self.latency_name = f"latency/{canary.name}"
         self.names = (self.model_name, self.canary_name, self.latency_name)
-        self.timeout = canary.deadline(probe_timeout)
+        self.timeout = canary.timeout if canary.timeout is not None else default_deadline(probe_timeout)
         self._inputs: dict[str, np.ndarray[Any, Any]] | None = None
         self._input_digest = ""
         self._input_error: str | None = None
@@ -112,6 +121,14 @@ class CanaryCheck:
         return model, canary, self._latency()
 
     def timed_out(self, after: float) -> tuple[CheckResult, CheckResult, CheckResult]:
+        model, canary, latency = self._cut_off(after)
+        return model, self.saturation.unjudged(canary), latency
+
+    async def explain_timeout(self, after: float) -> tuple[CheckResult, CheckResult, CheckResult]:
+        model, canary, latency = self._cut_off(after)
+        return model, await self.saturation.judge_miss(canary, after), latency
+
+    def _cut_off(self, after: float) -> tuple[CheckResult, CheckResult, CheckResult]:
         canary = failed(self.canary_name, Kind.CANARY, f"timed out after {after:.2f}s", restart_worthy=True)
         note = "not re-asked: the canary did not finish"
         last = self._model_last
@@ -120,9 +137,6 @@ class CanaryCheck:
         else:
             model = CheckResult(last.name, last.kind, last.status, f"{last.reason.split(' (not re-asked')[0]} ({note})")
         return model, canary, self._latency()
-
-    async def explain_timeout(self, after: float) -> tuple[CheckResult, CheckResult, CheckResult]:
-        return self.timed_out(after)
 
     async def _ask_model(self) -> CheckResult:
         c = self.canary
@@ -169,18 +183,24 @@ class CanaryCheck:
             model = await self._ask_model()
             if not model.ok:
                 return model, failed(name, Kind.CANARY, f"{self._label()} is not ready: {e}")
-            return model, failed(name, Kind.CANARY, str(e), restart_worthy=True)
+            refused = failed(name, Kind.CANARY, str(e), restart_worthy=True)
+            self.saturation.answered(refused)
+            return model, refused
         model = passed(self.model_name, Kind.MODEL)
         self.tracker.add(outcome.latency_s)
         cmp = compare_outputs(golden, outcome.outputs, c.compare)
         latency_ms = round(outcome.latency_s * 1000.0, 3)
         details: dict[str, Any] = {"latency_s": outcome.latency_s, "max_abs_error": cmp.max_abs_error}
         if cmp.ok:
-            return model, passed(
+            verified = passed(
                 name, Kind.CANARY, cmp.reason, observed_value=latency_ms, observed_unit="ms", details=details
             )
+            self.saturation.answered(verified)
+            return model, verified
         # Only a mismatch pays for the fingerprint: the reason names where each record came from.
         env = await self._environment.fingerprint_or_none(c.model, c.version)
         details["mismatch"] = True
         reason = explain_mismatch(golden, cmp, env)
-        return model, failed(name, Kind.CANARY, reason, observed_value=latency_ms, observed_unit="ms", details=details)
+        mismatch = failed(name, Kind.CANARY, reason, observed_value=latency_ms, observed_unit="ms", details=details)
+        self.saturation.answered(mismatch)
+        return model, mismatch
