@@ -13,8 +13,8 @@ The evidence, per canary model:
 - the probe's own canaries: those Triton answered within the window are taken off the completed count; and Triton
   does not cancel a request whose client gave up, so each abandoned canary is still queued, or completes later:
   those abandoned (since the last canary Triton answered) within the window plus the time the queue takes to drain,
-  at most `liveness.after`, are taken off both counts. The probe's own requests are never the evidence that the
-  model is busy.
+  at most `liveness.after` (all of them when nothing completed), are taken off both counts. The probe's own
+  requests are never the evidence that the model is busy.
 
 The rule, with C other requests completed over the `window` seconds between the two readings and P others pending:
 - saturated iff C >= 1 and P >= 1 and the queue drains within `liveness.after` at that rate (P * window / C <=
@@ -335,8 +335,11 @@ class Saturation:
         completed = after.success - before.success
         # The probe's own canaries that may be among these: abandoned within the window plus the time the queue
         # takes to drain (an older one has left the queue), at most liveness.after (beyond that it is hung anyway).
-        drain = pending * window / completed if completed else math.inf
-        queued = state.abandoned_since(after.at - window - min(drain, self.drain_limit))
+        # With nothing completing, every one abandoned since Triton last answered a canary may still be queued.
+        if completed:
+            queued = state.abandoned_since(after.at - window - min(pending * window / completed, self.drain_limit))
+        else:
+            queued = len(state.abandoned)
         done = queued + state.answered_since(before.at)
         return Evidence(state.model, window, max(completed - done, 0), max(pending - queued, 0), own=done)
 
