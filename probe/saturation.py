@@ -67,7 +67,7 @@ PENDING_METRIC = "nv_inference_pending_request_count"
 # (a /stats GET and the metrics page, concurrently; a few ms on loopback, tens under CPU contention).
 EVIDENCE_RESERVE_S = 0.1
 MIN_ROOM_S = 0.01
-NO_TIME = "Triton's statistics could not be read within probe.timeout after the canary's deadline"
+NO_TIME = "no time left in probe.timeout after the canary's deadline to read Triton's statistics and metrics"
 READINGS_KEPT = 8
 ABANDONED_KEPT = 1024
 

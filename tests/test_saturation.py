@@ -256,8 +256,8 @@ async def test_evidence_that_cannot_be_had_counts_as_hung_and_says_why() -> None
     old = await canary.judge_miss(HUNG, 0.68)
     assert old.reason.endswith("Triton's metrics page has no nv_inference_pending_request_count for model m")
     assert canary.unjudged(HUNG).reason == (
-        "timed out after 0.68s; cannot tell saturated from hung: Triton's statistics could not be read within "
-        "probe.timeout after the canary's deadline"
+        "timed out after 0.68s; cannot tell saturated from hung: no time left in probe.timeout after the canary's "
+        "deadline to read Triton's statistics and metrics"
     )
 
 
