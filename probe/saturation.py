@@ -83,11 +83,15 @@ def cannot_tell(why: str) -> str:
 
 
 def success_count(stats: Mapping[str, Any]) -> int:
-    """Requests the model completed successfully, summed over the versions a /stats answer lists."""
+    """Requests the model completed successfully, summed over the versions a /stats answer lists. A reply that is
+    not shaped like Triton's raises ValueError."""
     total = 0
-    for entry in stats.get("model_stats") or ():
-        success = ((entry or {}).get("inference_stats") or {}).get("success") or {}
-        total += int(success.get("count", 0))
+    try:
+        for entry in stats.get("model_stats") or ():
+            success = ((entry or {}).get("inference_stats") or {}).get("success") or {}
+            total += int(success.get("count", 0))
+    except (AttributeError, TypeError, ValueError) as e:
+        raise ValueError(f"statistics not shaped like Triton's: {type(e).__name__}") from None
     return total
 
 
@@ -98,7 +102,8 @@ def pending_of(text: str, model: str) -> int | None:
         found = pending_requests(lines, {model})
     except ValueError:
         return None
-    return int(found[model]) if model in found else None
+    value = found.get(model)
+    return int(value) if value is not None and math.isfinite(value) else None
 
 
 # ---------------------------------------------------------------------------------------------- the rule
@@ -257,8 +262,8 @@ class Saturation:
             return
         try:
             state.readings.append(Reading(self.clock(), success_count(stats)))
-        except (AttributeError, TypeError, ValueError):
-            self._tell(state, "its /stats answer has no inference_stats.success.count")
+        except ValueError as e:
+            self._tell(state, f"{state.label} {e}")
             return
         if (model, version) not in self._told:
             self._awaiting_page.add((model, version))
@@ -320,7 +325,10 @@ class Saturation:
             )
         except (TritonUnreachable, TritonRequestError) as e:
             raise _NoEvidence(str(e)) from None
-        after = Reading(self.clock(), success_count(stats))
+        try:
+            after = Reading(self.clock(), success_count(stats))
+        except ValueError as e:
+            raise _NoEvidence(f"{state.label} {e}") from None
         state.readings.append(after)
         if before is None:
             raise _NoEvidence(f"no earlier reading of {state.label} statistics to compare with")

@@ -68,6 +68,10 @@ def test_success_count_sums_versions_and_default_deadline_keeps_time_for_the_rea
     }
     assert success_count(stats) == 7
     assert success_count({}) == 0
+    with pytest.raises(ValueError, match="statistics not shaped like Triton's"):
+        success_count({"model_stats": [{"inference_stats": {"success": {"count": "many"}}}]})
+    with pytest.raises(ValueError):
+        success_count({"model_stats": [["not", "a", "mapping"]]})
     assert default_deadline(0.8) == pytest.approx(0.68)
     assert default_deadline(0.2) == pytest.approx(0.14)
 
