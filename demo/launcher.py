@@ -131,9 +131,13 @@ def start_triton(
     *,
     grpc_port: int | None = None,
     metrics_port: int | None = None,
+    restricted_endpoints: tuple[str, ...] = (),
     timeout: float = 180.0,
 ) -> TritonServer:
-    """Start demo/triton_server.py in its own process session; the caller stops it with stop_triton."""
+    """Start demo/triton_server.py in its own process session; the caller stops it with stop_triton.
+
+    `restricted_endpoints` names Triton endpoint groups that answer 403 without pytriton's access token
+    (`statistics`, as pytriton restricts by default); the default restricts none."""
     http_port = http_port or free_port()
     metrics_port = metrics_port or free_port()
     fault_dir = tmp / "faults"
@@ -160,6 +164,8 @@ def start_triton(
             str(fault_dir),
             "--models",
             ",".join(models),
+            "--restricted-endpoints",
+            ",".join(restricted_endpoints),
         ],
         stdout=log,
         stderr=subprocess.STDOUT,

@@ -200,6 +200,12 @@ def main() -> int:
     ap.add_argument("--metrics-port", type=int, default=8002)
     ap.add_argument("--fault-dir", type=pathlib.Path, required=True)
     ap.add_argument("--models", default="demo_classifier,demo_classifier_fp64,typed,demo_llm")
+    ap.add_argument(
+        "--restricted-endpoints",
+        default="",
+        help="comma-separated Triton endpoint groups that need pytriton's access token (e.g. statistics, as in "
+        "pytriton's defaults); default none, so the probe can read /stats",
+    )
     args = ap.parse_args()
 
     from pytriton.model_config import ModelConfig, Tensor
@@ -267,7 +273,8 @@ def main() -> int:
     )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    with Triton(config=config, security_config=TritonSecurityConfig(restricted_endpoints=[])) as triton:
+    restricted = [e for e in args.restricted_endpoints.split(",") if e]
+    with Triton(config=config, security_config=TritonSecurityConfig(restricted_endpoints=restricted)) as triton:
         for name in args.models.split(","):
             if name == "demo_llm":
                 continue  # decoupled: bound below

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import json
 import logging
@@ -254,6 +255,10 @@ async def _check(cfg: Config, *, only: str | None, as_json: bool) -> int:
                 _err(f"triton unreachable: {down}")
                 return EXIT_UNREACHABLE
         await sidecar.wait_first_gpu_sample(min(2.0, cfg.gpu.stale_limit))
+        if sidecar.saturation is not None:  # no queue watcher here: the reading a missed canary is compared with
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(cfg.probe.timeout):
+                    await sidecar.saturation.baseline()
         run = await sidecar.runner.run_once(names=selected)
     finally:
         await sidecar.stop()

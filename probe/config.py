@@ -144,6 +144,9 @@ class ProbeConfig:
     """Seconds `serve` keeps answering (with `shutdown` failing) after SIGTERM before it exits."""
     hang_backoff: float = 10.0
     """Longest pause between canaries sent to a model whose last canary timed out."""
+    saturated: str = "ready"
+    """What a saturated canary (it missed its deadline while its model kept completing other requests) does to
+    /ready: `ready` (the last verified output stands) or `not-ready` (shed load). Never restart-worthy."""
 
 
 @dataclass(frozen=True)
@@ -739,13 +742,14 @@ def parse_config(raw: Any, path: Path) -> Config:
     if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port < 65536:
         raise ConfigError(f"{ls.where('port')}: expected a port number 0-65535, got {brief(port)}")
 
-    ps = top.sub("probe", ("timeout", "min_interval", "interval", "drain", "hang_backoff"))
+    ps = top.sub("probe", ("timeout", "min_interval", "interval", "drain", "hang_backoff", "saturated"))
     probe = ProbeConfig(
         timeout=ps.number("timeout", ProbeConfig.timeout, positive=True),
         min_interval=ps.number("min_interval", ProbeConfig.min_interval),
         interval=ps.number("interval", ProbeConfig.interval),
         drain=ps.number("drain", ProbeConfig.drain),
         hang_backoff=ps.number("hang_backoff", ProbeConfig.hang_backoff),
+        saturated=ps.string("saturated", ProbeConfig.saturated, choices=("ready", "not-ready")),
     )
 
     lv = top.sub("liveness", ("after", "startup"))

@@ -27,9 +27,9 @@ class Metrics:
     """Every `probe_` metric. Built per process (or per test) on the registry it is given."""
 
     def __init__(self, registry: CollectorRegistry, canaries: Iterable[str] = ()) -> None:
-        """`canaries` are the configured canary names: their counters are exported at 0 from the start, so
-        `increase(probe_canary_mismatch_total[...])` sees a pod's first mismatch (a series born at 1 has no
-        earlier sample to increase from)."""
+        """`canaries` are the configured canary names: their mismatch counters and saturation gauges are exported at
+        0 from the start, so `increase(probe_canary_mismatch_total[...])` sees a pod's first mismatch (a series born
+        at 1 has no earlier sample to increase from)."""
         self.registry = registry
         self._check_children: dict[str, tuple[Any, Any]] = {}
         self.ready = Gauge("probe_ready", "1 when /ready passes (all checks), else 0", registry=registry)
@@ -63,8 +63,6 @@ class Metrics:
             ["canary"],
             registry=registry,
         )
-        for canary in canaries:
-            self.mismatch.labels(canary)
         self.max_abs_error = Gauge(
             "probe_canary_max_abs_error",
             "Largest absolute error against the golden tensors (tolerance mode)",
@@ -98,12 +96,22 @@ class Metrics:
             ["model"],
             registry=registry,
         )
+        self.saturated = Gauge(
+            "probe_saturated",
+            "1 while the canary's last miss was judged saturated (its model kept completing other requests with some "
+            "pending), else 0",
+            ["canary"],
+            registry=registry,
+        )
         self.asyncio_tasks = Gauge(
             "probe_asyncio_tasks",
             "asyncio tasks alive in the sidecar when scraped (connections, runs, background work); a rise is a leak",
             registry=registry,
         )
         self.asyncio_tasks.set_function(_asyncio_tasks)
+        for canary in canaries:
+            self.mismatch.labels(canary)
+            self.saturated.labels(canary).set(0)
 
     def observe_run(self, run: Run, *, ready: bool, live: bool) -> None:
         """One finished run, and the verdicts judged from it (`probe.verdict.readiness`, `Liveness.verdict`)."""
@@ -114,6 +122,7 @@ class Metrics:
             self.observe_check(r)
             if r.kind is Kind.CANARY:
                 canary = name.split("/", 1)[1]
+                self.saturated.labels(canary).set(1.0 if r.details.get("saturated") is True else 0.0)
                 lat = r.details.get("latency_s")
                 if isinstance(lat, float):
                     self.canary_latency.labels(canary).observe(lat)

@@ -5,6 +5,8 @@ The runner owns every timing decision so checks stay simple:
   the check's task is cancelled (its HTTP request to Triton is aborted) and the check says what that means
   (`Check.timed_out`);
 - concurrent callers share one run (single-flight); a run younger than `min_interval` is reused;
+- a check cut off at its deadline may ask why in what is left of the run budget (`Check.explain_timeout`: a canary
+  asks Triton whether its model is saturated or hung); if that runs out too, `Check.timed_out` stands;
 - a check that was cut off is not sent again until a backoff passes: the first pause is `min_interval` (so a
   cut-off check is never re-sent sooner than a healthy one), doubling up to `hang_backoff`, so a stuck or saturated
   server is not fed a growing backlog of canaries; meanwhile its timed-out results stand;
@@ -112,7 +114,7 @@ class Runner:
                 results = await check.run()
             self._backoff.pop(id(check), None)
         except TimeoutError:
-            results = check.timed_out(limit)
+            results = await self._explain(check, limit, deadline)
             b = self._backoff.setdefault(id(check), _Backoff())
             b.delay = min(self.hang_backoff, max(b.delay * 2, self.min_interval, 0.1))
             b.until = self.clock() + b.delay
@@ -122,6 +124,19 @@ class Runner:
             results = _all_failed(check, f"internal error: {type(e).__name__}: {e}")
         duration = self.clock() - now
         return [replace(r, time=wall, duration=duration) for r in results]
+
+    async def _explain(self, check: Check, after: float, deadline: float) -> Sequence[CheckResult]:
+        """What `check`, cut off after `after` seconds, learns about why in the budget left before `deadline`."""
+        left = deadline - self.clock()
+        if left > 0:
+            try:
+                async with asyncio.timeout(left):
+                    return await check.explain_timeout(after)
+            except TimeoutError:
+                pass
+            except Exception:  # a bug in the explanation: the plain timed-out results stand
+                logging.getLogger("probe").exception("check %s raised explaining its timeout", check.names[0])
+        return check.timed_out(after)
 
     async def run_once(self, *, names: Iterable[str] | None = None) -> Run:
         """Run the (selected) checks now, bounded by the probe budget; a full run is cached and told to listeners."""

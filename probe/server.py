@@ -37,6 +37,7 @@ from probe.checks.base import CheckResult
 from probe.liveness import Liveness
 from probe.logs import log
 from probe.runner import Runner
+from probe.saturation import verified_age
 from probe.verdict import Verdict, readiness
 
 HEALTH_JSON = "application/health+json"
@@ -71,8 +72,15 @@ def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def full_reason(r: CheckResult) -> str:
+    """The reason as the per-check and JSON views show it: a saturated canary's says how old its last verified output
+    is now (the result itself may be held for a while by the hang backoff)."""
+    age = verified_age(r, time.time())
+    return r.reason if age is None else f"{r.reason}; {age}"
+
+
 def check_json(r: CheckResult) -> dict[str, Any]:
-    d: dict[str, Any] = {"status": r.status, "time": _iso(r.time), "output": r.reason}
+    d: dict[str, Any] = {"status": r.status, "time": _iso(r.time), "output": full_reason(r)}
     if r.observed_value is not None:
         d["observedValue"] = r.observed_value
     if r.observed_unit is not None:
@@ -167,13 +175,21 @@ def _aggregate(kind: str, verdict: Verdict, request: web.BaseRequest, reveal: bo
         return _text(status, json.dumps(body), content_type=HEALTH_JSON)
     if not _verbose(request):
         return _text(status, _PLAIN[kind, ok])
-    lines = [f"[+]{n} ok{_times(r)}" if r.ok else f"[-]{n} failed: reason withheld" for n, r in shown.items()]
+    lines = [_verbose_line(n, r, reveal) for n, r in shown.items()]
     unknown = [e for e in excluded if e not in verdict.checks]
     if unknown:
         names = ", ".join(repr(e[:64]) for e in unknown[:8])
         lines.append(f"warn: some health checks cannot be excluded: no matches for {names}")
     lines.append(f"{kind} check passed" if ok else f"{kind} check failed")
     return _text(status, "\n".join(lines) + "\n")
+
+
+def _verbose_line(name: str, r: CheckResult, reveal: bool) -> str:
+    """`[+]name ok`; a saturated canary passing on its last verified output says so, and how old it is."""
+    if not r.ok:
+        return f"[-]{name} failed: {WITHHELD}"
+    age = verified_age(r, time.time()) if reveal else None
+    return f"[+]{name} ok{_times(r)}" if age is None else f"[+]{name} ok (saturated; {age})"
 
 
 def _single(verdict: Verdict, name: str, request: web.BaseRequest, reveal: bool) -> web.Response:
@@ -185,7 +201,7 @@ def _single(verdict: Verdict, name: str, request: web.BaseRequest, reveal: bool)
     if _wants_json(request):
         body = {"status": r.status, "checks": {name: [check_json(r)]}}
         return _text(status, json.dumps(body), content_type=HEALTH_JSON)
-    text = r.reason if r.ok else f"{name} failed: {r.reason}"
+    text = full_reason(r) if r.ok else f"{name} failed: {full_reason(r)}"
     return _text(status, text + "\n")
 
 

@@ -30,7 +30,8 @@ from probe.liveness import Liveness
 from probe.logs import StateLogger
 from probe.metrics import Metrics
 from probe.queue import QueueWatcher
-from probe.runner import Run, Runner
+from probe.runner import ANSWER_MARGIN, Run, Runner
+from probe.saturation import Saturation
 from probe.server import Health
 from probe.triton import TritonClient
 from probe.triton_metrics import MetricsPage
@@ -49,6 +50,7 @@ class Sidecar:
     environment: EnvironmentProbe
     gpu: GpuSampler | None = None
     queue: QueueWatcher | None = None
+    saturation: Saturation | None = None
     _tasks: set[asyncio.Future[Any]] = field(default_factory=set)
 
     async def start(self, *, background: bool = True) -> None:
@@ -163,13 +165,22 @@ def build_sidecar(
             return nvml_environment(cfg.gpu.devices, visible_devices, library_path=nvml_library)
 
     environment = EnvironmentProbe(client, nvml_reader)
+    saturation = Saturation(client, page, drain_limit=cfg.liveness.after, setting=cfg.probe.saturated, logger=logger)
     checks: list[Check] = [TritonCheck(client, vouch=bool(cfg.canaries))]
     for c in cfg.canaries:
         golden = GoldenStore(cfg.golden_path(c.name))
         kind = CanaryCheck if c.protocol == "infer" else GenerateCanaryCheck
-        checks.append(
-            kind(client, c, golden, environment, probe_timeout=cfg.probe.timeout, max_reply=cfg.triton.max_reply)
+        canary = kind(
+            client,
+            c,
+            golden,
+            environment,
+            probe_timeout=cfg.probe.timeout,
+            max_reply=cfg.triton.max_reply,
+            saturation=saturation.canary(c.name, c.model, c.version),
         )
+        saturation.check_room(c.name, cfg.probe.timeout - ANSWER_MARGIN - canary.timeout)
+        checks.append(canary)
     if gpu is not None:
         from probe.checks.gpu import GpuCheck
 
@@ -188,7 +199,11 @@ def build_sidecar(
     health = Health(runner, liveness, timeout=cfg.probe.timeout)
     observe_runs(runner, liveness, metrics, logger)
     models = sorted({(c.model, c.version) for c in cfg.canaries})
-    queue = QueueWatcher(client, models, metrics, page, period=cfg.probe.interval or 10.0) if models else None
+    queue = (
+        QueueWatcher(client, models, metrics, page, period=cfg.probe.interval or 10.0, saturation=saturation)
+        if models
+        else None
+    )
     return Sidecar(
         cfg=cfg,
         client=client,
@@ -200,4 +215,5 @@ def build_sidecar(
         environment=environment,
         gpu=gpu,
         queue=queue,
+        saturation=saturation,
     )

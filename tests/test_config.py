@@ -47,6 +47,7 @@ def test_defaults_and_relative_paths(tmp_path: Path) -> None:
     assert (cfg.listen.host, cfg.listen.port) == ("0.0.0.0", 8080)
     assert (cfg.probe.timeout, cfg.probe.min_interval, cfg.probe.interval) == (0.8, 1.0, 10.0)
     assert cfg.liveness.after == 60.0
+    assert cfg.probe.saturated == "ready"
     assert cfg.gpu.source == "nvml" and cfg.gpu.devices is None
     assert cfg.gpu.min_free.threshold(80 * 1024**3) == 2 * 1024**3
     assert cfg.golden_dir == sub / "golden"

@@ -419,6 +419,9 @@ class ScenarioCheck:
     def timed_out(self, after: float) -> Sequence[CheckResult]:
         return [failed(self.name, KINDS[self.name], "timed out", restart_worthy=True)]
 
+    async def explain_timeout(self, after: float) -> Sequence[CheckResult]:
+        return self.timed_out(after)
+
 
 CHECKS = tuple(KINDS)
 ALL_NAMES = (*CHECKS, "shutdown", "ping")

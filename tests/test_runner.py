@@ -24,6 +24,9 @@ class FakeCheck:
     def timed_out(self, after: float) -> Sequence[CheckResult]:
         return [failed(self.name, Kind.CANARY, f"timed out after {after:.2f}s", restart_worthy=True)]
 
+    async def explain_timeout(self, after: float) -> Sequence[CheckResult]:
+        return self.timed_out(after)
+
 
 class HangingCheck(FakeCheck):
     """A check whose call never returns (a hung Triton): it must be cut at its deadline and cancelled."""
@@ -56,6 +59,21 @@ class CountingCheck(FakeCheck):
         if self.delay:
             await asyncio.sleep(self.delay)  # simulated inference time, not a wait in the test
         return [passed(self.name, Kind.CANARY)]
+
+
+class ExplainingCheck(HangingCheck):
+    """A hung check that asks why after its deadline, taking `explain_s` to find out (a canary asking Triton's
+    statistics whether its model is saturated)."""
+
+    def __init__(self, explain_s: float, timeout: float) -> None:
+        super().__init__("canary/explained", timeout)
+        self.explain_s = explain_s
+        self.explained = 0
+
+    async def explain_timeout(self, after: float) -> Sequence[CheckResult]:
+        await asyncio.sleep(self.explain_s)  # simulated Triton round trip, not a wait in the test
+        self.explained += 1
+        return [failed(self.name, Kind.CANARY, f"timed out after {after:.2f}s; explained")]
 
 
 class BuggyCheck(FakeCheck):
@@ -106,6 +124,29 @@ async def test_probe_budget_bounds_checks_without_own_timeout() -> None:
     run = await runner.run_once()
     assert time.monotonic() - start < 0.3 + 0.05
     assert run.results["canary/hang"].reason.startswith("timed out after 0.2")
+
+
+async def test_a_cut_off_check_explains_itself_in_the_budget_left() -> None:
+    check = ExplainingCheck(explain_s=0.01, timeout=0.2)
+    run = await Runner([check], timeout=0.5).run_once()
+    r = run.results["canary/explained"]
+    assert r.reason == "timed out after 0.20s; explained" and not r.restart_worthy
+    assert check.explained == 1
+
+
+async def test_an_explanation_past_the_budget_leaves_timed_out_and_the_answer_in_time() -> None:
+    check = ExplainingCheck(explain_s=5.0, timeout=0.2)
+    runner = Runner([check], timeout=0.3, min_interval=0.0, hang_backoff=0.0)
+    start = time.monotonic()
+    run = await runner.run_once()
+    assert time.monotonic() - start < 0.3 + 0.05
+    r = run.results["canary/explained"]
+    assert r.reason == "timed out after 0.20s" and r.restart_worthy
+    assert check.explained == 0
+    # No budget left at all (the deadline is the whole budget): not even asked.
+    flat = ExplainingCheck(explain_s=0.0, timeout=None)
+    run = await Runner([flat], timeout=0.3).run_once()
+    assert run.results["canary/explained"].reason.startswith("timed out after 0.2") and flat.explained == 0
 
 
 async def test_concurrent_probes_share_one_run() -> None:

@@ -34,6 +34,9 @@ class FixedCheck:
     def timed_out(self, after: float) -> Sequence[CheckResult]:
         return [failed(self.name, KINDS[self.name], "timed out", restart_worthy=True)]
 
+    async def explain_timeout(self, after: float) -> Sequence[CheckResult]:
+        return self.timed_out(after)
+
 
 @pytest.fixture
 def parts() -> dict[str, Any]:

@@ -84,10 +84,20 @@ class Check(Protocol):
         ...
 
     def timed_out(self, after: float) -> Sequence[CheckResult]:
-        """The results to report when the runner cancelled `run()` after `after` seconds (one per name).
+        """The results to report when the runner cancelled `run()` after `after` seconds and nothing more could be
+        learnt in the probe budget (one per name). Never waits, never asks anything.
 
         The runner then holds the check back (the hang backoff) before sending it again, so a stuck or
         saturated server is not fed a growing backlog; meanwhile these results stand."""
+        ...
+
+    async def explain_timeout(self, after: float) -> Sequence[CheckResult]:
+        """The results when the runner cancelled `run()` after `after` seconds, with what the check can learn now
+        about why (one per name): a canary asks Triton whether its model kept completing other requests, i.e.
+        whether it is saturated rather than hung (`probe.saturation`).
+
+        The runner awaits this right after the deadline, bounded by what is left of the probe budget; if that runs
+        out first, `timed_out(after)` stands. A check with nothing to ask returns `timed_out(after)`."""
         ...
 
 

@@ -6,8 +6,10 @@ one inference: a canary Triton answered proves its model ready, so Triton is ask
 inference did not tell.
 
 The runner bounds the run with the canary's deadline and cancels it when the deadline passes, so a hang becomes a
-fast, explained failure (`timed_out`). A slow but correct canary passes `canary/` (latency is `latency/`'s to
-judge); a mismatch fails it but is never restart-worthy: restarting will not fix a wrong model.
+fast, explained failure; in the budget left, `explain_timeout` asks Triton whether the model kept completing other
+requests meanwhile (`probe.saturation`): saturated is never restart-worthy, hung is. A slow but correct canary passes
+`canary/` (latency is `latency/`'s to judge); a mismatch fails it but is never restart-worthy: restarting will not
+fix a wrong model.
 """
 
 from __future__ import annotations
@@ -19,9 +21,11 @@ import numpy as np
 
 from probe.checks.base import CheckResult, Kind, failed, passed
 from probe.checks.latency import LatencyTracker, judge_latency
+from probe.checks.model import ModelVerdict
 from probe.config import CanaryConfig
 from probe.environment import EnvironmentProbe
 from probe.golden import Golden, GoldenError, GoldenStore, check_golden_for, compare_outputs, explain_mismatch
+from probe.saturation import CanarySaturation, default_deadline
 from probe.tensors import NUMPY_DTYPES, InputError, build_inputs, input_digest
 from probe.triton import JSON_CAP, TritonClient, TritonRequestError, TritonUnreachable, input_mismatches
 
@@ -46,8 +50,12 @@ class CanaryCheck:
     `canary/` fails when: the golden file is missing, corrupt or recorded for other inputs; the inputs do not fit
     the model; the model is not ready; Triton refuses or errors on the inference (restart-worthy); the reply is
     malformed or too large (restart-worthy); the output differs from every golden record (names, datatype, shape,
-    digest or tolerance); the inference did not finish by the deadline (restart-worthy). `model/` fails while the
+    digest or tolerance); the inference did not finish by the deadline (restart-worthy, unless Triton shows the model
+    saturated: then never restart-worthy, and passing or failing per probe.saturated). `model/` fails while the
     model is loading, unloaded or failed to load, never restart-worthy.
+
+    Without a `timeout` of its own, the canary's deadline keeps back from probe.timeout the time to read Triton's
+    statistics after a miss (`saturation.default_deadline`).
     """
 
     def __init__(
@@ -59,32 +67,25 @@ class CanaryCheck:
         *,
         probe_timeout: float,
         max_reply: int,
+        saturation: CanarySaturation,
     ) -> None:
         self._client = client
+        self.saturation = saturation
         self.canary = canary
         self.golden = golden
         self.tracker = LatencyTracker(canary.latency.window)
         self._environment = environment
         self._max_reply = max_reply
-        self.model_name = f"model/{canary.name}"
+        self.model = ModelVerdict(client, canary)
+        self.model_name = self.model.name
         self.canary_name = f"canary/{canary.name}"
         self.latency_name = f"latency/{canary.name}"
         self.names = (self.model_name, self.canary_name, self.latency_name)
-        self.timeout = canary.deadline(probe_timeout)
+        self.timeout = canary.timeout if canary.timeout is not None else default_deadline(probe_timeout)
         self._inputs: dict[str, np.ndarray[Any, Any]] | None = None
         self._input_digest = ""
         self._input_error: str | None = None
         self._validated = False
-        self._model_last: CheckResult | None = None
-
-    def _label(self) -> str:
-        c = self.canary
-        return f"model {c.model}" + (f" version {c.version}" if c.version else "")
-
-    def _not_ready(self) -> CheckResult:
-        return failed(
-            self.model_name, Kind.MODEL, f"{self._label()} is not ready (loading, unloaded or failed to load)"
-        )
 
     def _load_inputs(self) -> None:
         if self._inputs is None and self._input_error is None:
@@ -105,30 +106,20 @@ class CanaryCheck:
         return judge_latency(self.latency_name, self.canary.latency, self.tracker, self._golden_baseline())
 
     async def run(self) -> tuple[CheckResult, CheckResult, CheckResult]:
-        model, canary = await self._run()
-        if model is None:  # the run learnt nothing about the model: ask
-            model = await self._ask_model()
-        self._model_last = model
-        return model, canary, self._latency()
+        seen, canary = await self._run()
+        return await self.model.settle(seen), canary, self._latency()
 
     def timed_out(self, after: float) -> tuple[CheckResult, CheckResult, CheckResult]:
-        canary = failed(self.canary_name, Kind.CANARY, f"timed out after {after:.2f}s", restart_worthy=True)
-        note = "not re-asked: the canary did not finish"
-        last = self._model_last
-        if last is None:
-            model = passed(self.model_name, Kind.MODEL, f"ok ({note})")
-        else:
-            model = CheckResult(last.name, last.kind, last.status, f"{last.reason.split(' (not re-asked')[0]} ({note})")
-        return model, canary, self._latency()
+        model, canary, latency = self._cut_off(after)
+        return model, self.saturation.unjudged(canary), latency
 
-    async def _ask_model(self) -> CheckResult:
-        c = self.canary
-        try:
-            if await self._client.model_ready(c.model, c.version):
-                return passed(self.model_name, Kind.MODEL)
-        except (TritonUnreachable, TritonRequestError) as e:
-            return failed(self.model_name, Kind.MODEL, str(e))
-        return self._not_ready()
+    async def explain_timeout(self, after: float) -> tuple[CheckResult, CheckResult, CheckResult]:
+        model, canary, latency = self._cut_off(after)
+        return model, await self.saturation.judge_miss(canary, after), latency
+
+    def _cut_off(self, after: float) -> tuple[CheckResult, CheckResult, CheckResult]:
+        canary = failed(self.canary_name, Kind.CANARY, f"timed out after {after:.2f}s", restart_worthy=True)
+        return self.model.carried(), canary, self._latency()
 
     async def _run(self) -> tuple[CheckResult | None, CheckResult]:
         """(model verdict, or None when the run did not tell; canary verdict)."""
@@ -151,7 +142,7 @@ class CanaryCheck:
                         f"model {c.model} is decoupled (it streams its answers), and Triton answers /infer on such "
                         "a model with 501: use protocol: generate_stream for this canary"
                     )
-                    return passed(self.model_name, Kind.MODEL), failed(name, Kind.CANARY, reason)
+                    return self.model.ready(), failed(name, Kind.CANARY, reason)
                 problems = input_mismatches(c, info)
                 if problems:
                     return None, failed(name, Kind.CANARY, "canary does not fit the model: " + "; ".join(problems))
@@ -163,21 +154,27 @@ class CanaryCheck:
             return None, failed(name, Kind.CANARY, str(e), restart_worthy=True)
         except TritonRequestError as e:
             self._validated = False  # the model may have been replaced; re-check its metadata next time
-            model = await self._ask_model()
+            model = await self.model.ask()
             if not model.ok:
-                return model, failed(name, Kind.CANARY, f"{self._label()} is not ready: {e}")
-            return model, failed(name, Kind.CANARY, str(e), restart_worthy=True)
-        model = passed(self.model_name, Kind.MODEL)
+                return model, failed(name, Kind.CANARY, f"{self.model.label} is not ready: {e}")
+            refused = failed(name, Kind.CANARY, str(e), restart_worthy=True)
+            self.saturation.answered(refused)
+            return model, refused
+        model = self.model.ready()
         self.tracker.add(outcome.latency_s)
         cmp = compare_outputs(golden, outcome.outputs, c.compare)
         latency_ms = round(outcome.latency_s * 1000.0, 3)
         details: dict[str, Any] = {"latency_s": outcome.latency_s, "max_abs_error": cmp.max_abs_error}
         if cmp.ok:
-            return model, passed(
+            verified = passed(
                 name, Kind.CANARY, cmp.reason, observed_value=latency_ms, observed_unit="ms", details=details
             )
+            self.saturation.answered(verified)
+            return model, verified
         # Only a mismatch pays for the fingerprint: the reason names where each record came from.
         env = await self._environment.fingerprint_or_none(c.model, c.version)
         details["mismatch"] = True
         reason = explain_mismatch(golden, cmp, env)
-        return model, failed(name, Kind.CANARY, reason, observed_value=latency_ms, observed_unit="ms", details=details)
+        mismatch = failed(name, Kind.CANARY, reason, observed_value=latency_ms, observed_unit="ms", details=details)
+        self.saturation.answered(mismatch)
+        return model, mismatch

@@ -20,6 +20,7 @@ from probe.config import CanaryConfig
 from probe.environment import EnvironmentProbe
 from probe.generate import GenerateAnswer, Progress, encode_request, generate, generate_stream
 from probe.golden import Golden, GoldenError, GoldenStore, check_golden_for, compare_answers, explain_mismatch
+from probe.saturation import CanarySaturation, default_deadline
 from probe.triton import TritonClient
 
 
@@ -43,9 +44,11 @@ class GenerateCanaryCheck:
         *,
         probe_timeout: float,
         max_reply: int,
+        saturation: CanarySaturation,
     ) -> None:
         assert canary.request is not None, "a generate canary has a request (config guarantees it)"
         self._client = client
+        self.saturation = saturation
         self.canary = canary
         self.golden = golden
         self._environment = environment
@@ -63,13 +66,21 @@ class GenerateCanaryCheck:
         self.canary_name = f"canary/{canary.name}"
         self.latency_name = f"latency/{canary.name}"
         self.names = (self.model_name, self.canary_name, self.latency_name)
-        self.timeout = canary.deadline(probe_timeout)
+        self.timeout = canary.timeout if canary.timeout is not None else default_deadline(probe_timeout)
 
     async def run(self) -> tuple[CheckResult, CheckResult, CheckResult]:
         seen, canary = await self._run()
         return await self.model.settle(seen), canary, self._latency()
 
     def timed_out(self, after: float) -> tuple[CheckResult, CheckResult, CheckResult]:
+        model, canary, latency = self._cut_off(after)
+        return model, self.saturation.unjudged(canary), latency
+
+    async def explain_timeout(self, after: float) -> tuple[CheckResult, CheckResult, CheckResult]:
+        model, canary, latency = self._cut_off(after)
+        return model, await self.saturation.judge_miss(canary, after), latency
+
+    def _cut_off(self, after: float) -> tuple[CheckResult, CheckResult, CheckResult]:
         self._client.failures += 1  # readiness is no longer vouched for
         reason = f"timed out after {after:.2f}s: {self.progress.describe()}"
         canary = failed(self.canary_name, Kind.CANARY, reason, restart_worthy=True)
@@ -96,14 +107,16 @@ class GenerateCanaryCheck:
         if not isinstance(outcome, GenerateAnswer):
             self._client.failures += 1
             what = f"canary {c.name} {c.protocol}"
+            refused = failed(name, Kind.CANARY, f"{what}: {outcome.reason}", restart_worthy=True)
+            if outcome.kind in ("status", "error", "empty"):  # Triton answered this canary, if not well
+                self.saturation.answered(refused)
             if outcome.kind == "status":  # Triton refused: is the model still there?
                 model = await self.model.ask()
                 if not model.ok:
                     return model, failed(name, Kind.CANARY, f"{self.model.label} is not ready: {outcome.reason}")
-                return model, failed(name, Kind.CANARY, f"{what}: {outcome.reason}", restart_worthy=True)
+                return model, refused
             # An error event is the model's own answer, so the model is there; anything else says nothing of it.
-            seen = self.model.ready() if outcome.kind == "error" else None
-            return seen, failed(name, Kind.CANARY, f"{what}: {outcome.reason}", restart_worthy=True)
+            return (self.model.ready() if outcome.kind == "error" else None), refused
         model = self.model.ready()
         self.tracker.add(outcome.total_s)
         if outcome.first_event_s is not None:
@@ -122,10 +135,14 @@ class GenerateCanaryCheck:
         kw: dict[str, Any] = {"observed_value": total_ms, "observed_unit": "ms", "details": details}
         if cmp.ok:
             note = f"; {cmp.reason}" if cmp.reason not in ("", "ok") else ""
-            return passed(self.canary_name, Kind.CANARY, f"ok: {times}{note}", **kw)
+            verified = passed(self.canary_name, Kind.CANARY, f"ok: {times}{note}", **kw)
+            self.saturation.answered(verified)
+            return verified
         env = await self._environment.fingerprint_or_none(c.model, c.version)
         details["mismatch"] = True
-        return failed(self.canary_name, Kind.CANARY, explain_mismatch(golden, cmp, env), **kw)
+        mismatch = failed(self.canary_name, Kind.CANARY, explain_mismatch(golden, cmp, env), **kw)
+        self.saturation.answered(mismatch)
+        return mismatch
 
     def _latency(self) -> CheckResult:
         c = self.canary

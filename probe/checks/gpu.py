@@ -39,6 +39,9 @@ class GpuCheck:
     def timed_out(self, after: float) -> tuple[CheckResult]:  # pragma: no cover - reading a sample never waits
         return (failed(self.name, Kind.GPU, f"reading the GPU sample took over {after:.2f}s"),)
 
+    async def explain_timeout(self, after: float) -> tuple[CheckResult]:  # pragma: no cover - see timed_out
+        return self.timed_out(after)
+
     def now(self) -> CheckResult:
         """Reads the sampler's latest sample: never waits (the sampler's thread or task does the waiting)."""
         sample = self._source.latest()

@@ -64,3 +64,6 @@ class TritonCheck:
 
     def timed_out(self, after: float) -> tuple[CheckResult]:
         return (failed("triton", Kind.SERVER, f"timed out after {after:.2f}s", restart_worthy=True),)
+
+    async def explain_timeout(self, after: float) -> tuple[CheckResult]:
+        return self.timed_out(after)
