@@ -49,7 +49,9 @@ def llm(healthy_triton: TritonServer) -> Iterator[TritonServer]:
 
 
 def recorded(tmp_path: Path, triton: TritonServer, canary: dict[str, Any] | None = None, **sections: Any) -> Path:
-    cfg = write_config(tmp_path, triton.url, [canary or CHAT], **sections)
+    # Triton's metrics port too: a miss is judged saturated or hung from its pending queue.
+    metrics = {"url": triton.url, "metrics_url": f"http://127.0.0.1:{triton.metrics_port}/metrics"}
+    cfg = write_config(tmp_path, triton.url, [canary or CHAT], triton=metrics, **sections)
     done = run_cli("record", "-c", str(cfg))
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("[+]chat added record 1 of ")
@@ -101,7 +103,9 @@ def test_stall_mid_stream_times_out_with_progress(tmp_path: Path, llm: TritonSer
     llm.fault(MODEL, "stall")
     code, line = check_line(cfg, "canary/chat")
     assert code == 3
-    assert re.fullmatch(r"\[-\]canary/chat failed: timed out after 0\.70s: \d+ events?, first after \d+ ms", line), line
+    # Nothing else is running on demo_llm, so nothing completes while the canary waits: hung, not saturated.
+    pattern = r"\[-\]canary/chat failed: timed out after 0\.70s: \d+ events?, first after \d+ ms; hung: .+"
+    assert re.fullmatch(pattern, line), line
 
 
 def test_error_mid_stream_fails_with_the_exception(tmp_path: Path, llm: TritonServer) -> None:
