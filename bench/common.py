@@ -1,7 +1,8 @@
 """What every benchmark shares: a local Triton, recorded goldens, `probe serve` processes, and small stats.
 
-The Triton launcher is the test suite's own (`tests.conftest.start_triton`), so the benchmarks run against
-exactly the server the integration tests use: the demo models on nvidia-pytriton, CPU only, on 127.0.0.1.
+The Triton launcher and the `probe serve` harness are the test suite's own (demo/launcher.py, demo/harness.py), so
+the benchmarks run against exactly the server the integration tests use: the demo models on nvidia-pytriton, CPU
+only, on 127.0.0.1.
 Every process started here is stopped here, by its own pid or process group.
 """
 
@@ -28,9 +29,9 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # `python bench/x.py` puts bench/, not the repo root, on sys.path
     sys.path.insert(0, str(REPO))
 
-from tests.conftest import TritonServer, start_triton, stop_triton  # noqa: E402
-from tests.helpers import DEMO_CANARY, ServeProcess, run_cli, write_config  # noqa: E402
-from tests.helpers import free_port as free_port  # noqa: E402  (re-exported for the benchmark scripts)
+from demo.harness import DEMO_CANARY, ServeProcess, run_cli, write_config  # noqa: E402
+from demo.launcher import TritonServer, start_triton, stop_triton  # noqa: E402
+from demo.launcher import free_port as free_port  # noqa: E402  (re-exported for the benchmark scripts)
 
 MODEL = str(DEMO_CANARY["model"])
 # A fresh canary on every request, and no background loop competing with the measurement.
