@@ -34,6 +34,9 @@ from demo.launcher import BENCH_MODELS, TritonServer, start_triton, stop_triton 
 from demo.launcher import free_port as free_port  # noqa: E402  (re-exported for the benchmark scripts)
 from demo.launcher import wait_for as wait_for  # noqa: E402
 
+# PROBE_BENCH_SOURCE=DIR runs every `probe serve` from DIR's `probe` package instead of this tree's (an older
+# version, for a before/after table); Triton, the goldens (`probe record`) and the clients stay this tree's.
+SOURCE = Path(os.environ.get("PROBE_BENCH_SOURCE") or REPO).resolve()
 MODEL = str(DEMO_CANARY["model"])
 # The demo classifier with a fixed 20 ms service time: what a canary adds to a GPU-sized inference.
 PACED_CANARY: dict[str, Any] = {**DEMO_CANARY, "name": "paced", "model": "demo_classifier_20ms"}
@@ -113,6 +116,8 @@ def machine() -> dict[str, str]:
 def print_machine() -> None:
     m = machine()
     print(f"machine: {m['cpus']} CPUs ({m['affinity']} usable), {m['cpu']}, Python {m['python']}, load {m['load']}")
+    if SOURCE != REPO:
+        print(f"probe serve runs from {SOURCE} (PROBE_BENCH_SOURCE), not this tree")
 
 
 # ---------------------------------------------------------------------------------------------- processes
@@ -188,7 +193,7 @@ class Stack:
     ) -> ServeProcess:
         """Start `probe serve` on a free port and wait until it answers /live/ping."""
         port = free_port()
-        proc = ServeProcess(self.config(name, probe, port, canaries, **sections), port)
+        proc = ServeProcess(self.config(name, probe, port, canaries, **sections), port, source=SOURCE)
         self.serves.append(proc)
         proc.wait_up(60)
         return proc

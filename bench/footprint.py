@@ -19,7 +19,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from common import FRESH, REPO, Stack, free_port, load, mark, median, run_standalone, table, vm_status
+from common import FRESH, SOURCE, Stack, free_port, load, mark, median, run_standalone, table, vm_status
 
 STARTS = 5
 RSS_TARGET_MB = 80.0
@@ -95,11 +95,15 @@ def _status(port: int, path: str) -> int:
 def _start_once(stack: Stack, n: int) -> tuple[float, float]:
     port = free_port()
     cfg = stack.config(f"start{n}", {**FRESH, "drain": 0}, port)
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = {**os.environ, "PYTHONPATH": str(SOURCE) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     log = open(cfg.parent / "serve.log", "wb")
     t0 = time.perf_counter()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "probe", "serve", "-c", str(cfg)], stdout=log, stderr=subprocess.STDOUT, env=env
+        [sys.executable, "-m", "probe", "serve", "-c", str(cfg)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=SOURCE,  # `python -m` looks in the working directory first
     )
     log.close()
     try:

@@ -45,9 +45,9 @@ def write_config(directory: Path, url: str, canaries: list[dict[str, Any]], **se
     return path
 
 
-def _environment(extra: dict[str, str] | None) -> dict[str, str]:
+def _environment(extra: dict[str, str] | None, source: Path = REPO) -> dict[str, str]:
     env = {**os.environ, **(extra or {})}
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = str(source) + os.pathsep + env.get("PYTHONPATH", "")
     return env
 
 
@@ -66,9 +66,10 @@ def run_cli(
 
 
 class ServeProcess:
-    """`probe serve` as a real process on a free port; stopped by its own pid."""
+    """`probe serve` as a real process on a free port; stopped by its own pid. `source` is the tree whose `probe`
+    package runs: this one, or another version of the code to compare against."""
 
-    def __init__(self, config: Path, port: int, env: dict[str, str] | None = None) -> None:
+    def __init__(self, config: Path, port: int, env: dict[str, str] | None = None, *, source: Path = REPO) -> None:
         self.port = port
         self.log = config.parent / f"serve-{port}.log"
         with open(self.log, "wb") as log:
@@ -76,7 +77,8 @@ class ServeProcess:
                 [sys.executable, "-m", "probe", "serve", "-c", str(config)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env=_environment(env),
+                env=_environment(env, source),
+                cwd=source,  # `python -m` looks in the working directory first
             )
         self.base = f"http://127.0.0.1:{port}"
 
