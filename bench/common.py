@@ -1,7 +1,8 @@
 """What every benchmark shares: a local Triton, recorded goldens, `probe serve` processes, and small stats.
 
-The Triton launcher is the test suite's own (`tests.conftest.start_triton`), so the benchmarks run against
-exactly the server the integration tests use: the demo models on nvidia-pytriton, CPU only, on 127.0.0.1.
+The Triton launcher and the `probe serve` harness are the test suite's own (demo/launcher.py, demo/harness.py), so
+the benchmarks run against exactly the server the integration tests use: the demo models on nvidia-pytriton, CPU
+only, on 127.0.0.1.
 Every process started here is stopped here, by its own pid or process group.
 """
 
@@ -19,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,17 +29,37 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # `python bench/x.py` puts bench/, not the repo root, on sys.path
     sys.path.insert(0, str(REPO))
 
-from tests.conftest import TritonServer, start_triton, stop_triton  # noqa: E402
-from tests.helpers import DEMO_CANARY, ServeProcess, run_cli, write_config  # noqa: E402
-from tests.helpers import free_port as free_port  # noqa: E402  (re-exported for the benchmark scripts)
+from demo.harness import DEMO_CANARY, ServeProcess, run_cli, write_config  # noqa: E402
+from demo.launcher import BENCH_MODELS, TritonServer, start_triton, stop_triton  # noqa: E402
+from demo.launcher import free_port as free_port  # noqa: E402  (re-exported for the benchmark scripts)
+from demo.launcher import wait_for as wait_for  # noqa: E402
 
+# PROBE_BENCH_SOURCE=DIR runs every `probe serve` from DIR's `probe` package instead of this tree's (an older
+# version, for a before/after table); Triton, the goldens (`probe record`) and the clients stay this tree's.
+SOURCE = Path(os.environ.get("PROBE_BENCH_SOURCE") or REPO).resolve()
 MODEL = str(DEMO_CANARY["model"])
 LLM_MODEL = "demo_llm"
 """The decoupled demo model the streaming benchmark talks to."""
+# The demo classifier with a fixed 20 ms service time: what a canary adds to a GPU-sized inference.
+PACED_CANARY: dict[str, Any] = {**DEMO_CANARY, "name": "paced", "model": "demo_classifier_20ms"}
+# One FP32 [4194304] output, 16 MiB: what reading, decoding and digesting a large reply costs.
+LARGE_CANARY: dict[str, Any] = {
+    "name": "large",
+    "model": "demo_large_output",
+    "inputs": [{"name": "X", "datatype": "FP32", "shape": [1], "fill": "zeros"}],
+}
+# 16 canaries of the demo classifier in one probe: one /ready sends 16 inferences at once.
+FANOUT_CANARIES: list[dict[str, Any]] = [{**DEMO_CANARY, "name": f"demo{i:02d}"} for i in range(16)]
+ALL_CANARIES = [DEMO_CANARY, PACED_CANARY, LARGE_CANARY, *FANOUT_CANARIES]
 # A fresh canary on every request, and no background loop competing with the measurement.
 FRESH = {"timeout": 0.8, "min_interval": 0, "interval": 0}
 # Every answer after the first comes from the cache.
 CACHED = {"timeout": 0.8, "min_interval": 3600, "interval": 0}
+# What a deployment runs with (deploy/kubernetes/configmap.yaml).
+PRODUCTION = {"timeout": 0.8, "min_interval": 1.0, "interval": 10.0}
+
+Summary = list[tuple[str, str, str, bool | None]]
+"""(figure, measured, target, passed or None for information) rows for run_all's table."""
 
 
 # ---------------------------------------------------------------------------------------------- stats
@@ -97,6 +118,8 @@ def machine() -> dict[str, str]:
 def print_machine() -> None:
     m = machine()
     print(f"machine: {m['cpus']} CPUs ({m['affinity']} usable), {m['cpu']}, Python {m['python']}, load {m['load']}")
+    if SOURCE != REPO:
+        print(f"probe serve runs from {SOURCE} (PROBE_BENCH_SOURCE), not this tree")
 
 
 # ---------------------------------------------------------------------------------------------- processes
@@ -126,6 +149,13 @@ def cpu_seconds(pid: int) -> float:
     return total / 1e9
 
 
+def stat_cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (all its threads) from /proc/<pid>/stat, in seconds (clock-tick resolution)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @dataclass
 class Stack:
     """A Triton with the demo classifier, its golden recorded, and `probe serve` processes pointed at it."""
@@ -138,24 +168,34 @@ class Stack:
     def triton_url(self) -> str:
         return f"http://{self.triton.url}"
 
-    def config(self, name: str, probe: dict[str, Any], port: int = 0) -> Path:
+    def config(
+        self,
+        name: str,
+        probe: dict[str, Any],
+        port: int = 0,
+        canaries: list[dict[str, Any]] | None = None,
+        **sections: Any,
+    ) -> Path:
         """A probe.yaml in its own directory that shares the one recorded golden directory."""
         d = self.tmp / name
         d.mkdir(exist_ok=True)
         path: Path = write_config(
             d,
             self.triton.url,
-            [DEMO_CANARY],
+            canaries if canaries is not None else [DEMO_CANARY],
             probe=probe,
             listen={"port": port},
             golden_dir=str(self.tmp / "golden"),
+            **sections,
         )
         return path
 
-    def serve(self, name: str, probe: dict[str, Any]) -> ServeProcess:
+    def serve(
+        self, name: str, probe: dict[str, Any], canaries: list[dict[str, Any]] | None = None, **sections: Any
+    ) -> ServeProcess:
         """Start `probe serve` on a free port and wait until it answers /live/ping."""
         port = free_port()
-        proc = ServeProcess(self.config(name, probe, port), port)
+        proc = ServeProcess(self.config(name, probe, port, canaries, **sections), port, source=SOURCE)
         self.serves.append(proc)
         proc.wait_up(60)
         return proc
@@ -168,17 +208,17 @@ class Stack:
 
 @contextlib.contextmanager
 def stack() -> Iterator[Stack]:
-    """Start Triton (demo_classifier, and demo_llm for the streaming benchmark), record the canary's golden; tear
+    """Start Triton (the demo classifier, demo_llm for the streaming benchmark, and the benchmark models), record every canary's golden; tear
     everything down on exit."""
     tmp = Path(tempfile.mkdtemp(prefix="probe-bench-"))
     t0 = time.perf_counter()
-    triton = start_triton(tmp, models=(MODEL, LLM_MODEL))
+    triton = start_triton(tmp, models=(MODEL, LLM_MODEL, *BENCH_MODELS))
     s = Stack(tmp, triton)
     try:
-        rec = run_cli("record", "-c", str(s.config("record", FRESH)), timeout=120)
+        rec = run_cli("record", "-c", str(s.config("record", FRESH, canaries=ALL_CANARIES)), timeout=180)
         if rec.returncode != 0:
             raise RuntimeError(f"probe record failed ({rec.returncode}): {rec.stderr.strip()}")
-        print(f"setup: Triton + golden in {time.perf_counter() - t0:.1f}s ({rec.stdout.strip()})")
+        print(f"setup: Triton + {len(ALL_CANARIES)} goldens in {time.perf_counter() - t0:.1f}s")
         yield s
     finally:
         for proc in list(s.serves):
@@ -359,6 +399,95 @@ class RawInference:
         for o in self.outputs:
             result.as_numpy(o)
         return time.perf_counter() - t
+
+
+class LeanInference:
+    """The leanest raw client of the config's first canary: the request body generated once (tritonclient's
+    `generate_request_body`), keep-alive aiohttp connections, `Accept-Encoding: identity`, the reply read into one
+    buffer of its Content-Length and its binary outputs decoded as views on it. What any client must do at the
+    least. Calling it times one."""
+
+    def __init__(self, config_path: str, triton_url: str) -> None:
+        import tritonclient.http as http
+        import tritonclient.http.aio as aio
+        from tritonclient.utils import triton_to_np_dtype
+
+        from probe.config import load_config
+        from probe.golden import load_golden
+        from probe.tensors import build_inputs
+
+        cfg = load_config(config_path)
+        canary = cfg.canaries[0]
+        inputs = build_inputs(canary)
+        outputs = list(load_golden(cfg.golden_path(canary.name)).records[0].outputs)
+        req = []
+        for spec in canary.inputs:
+            inp = http.InferInput(spec.name, list(inputs[spec.name].shape), spec.datatype)
+            inp.set_data_from_numpy(inputs[spec.name], binary_data=True)
+            req.append(inp)
+        out = [http.InferRequestedOutput(o, binary_data=True) for o in outputs]
+        body, json_size = aio.InferenceServerClient.generate_request_body(req, outputs=out)
+        self.body = body if isinstance(body, bytes) else body.encode()
+        self.headers = {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(json_size)}
+        self.url = f"{triton_url}/v2/models/{canary.model}/infer"
+        self.np_dtype = triton_to_np_dtype
+        self.session: Any = None
+
+    async def __aenter__(self) -> LeanInference:
+        import aiohttp
+
+        self.session = aiohttp.ClientSession(auto_decompress=False, headers={"Accept-Encoding": "identity"})
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.session.close()
+
+    async def __call__(self) -> float:
+        import json
+
+        import numpy as np
+
+        t = time.perf_counter()
+        async with self.session.post(self.url, data=self.body, headers=self.headers) as r:
+            if r.status != 200 or r.content_length is None:
+                raise RuntimeError(f"lean inference answered {r.status}: {(await r.read())[:200]!r}")
+            # Into one buffer of the announced size, as each chunk arrives: `await r.read()` would hold every
+            # chunk and their join at once (twice the reply), and glibc hands that back to the kernel after each
+            # call, so each call page-faults it in again (8,000 faults, 10+ ms, for a 16 MiB reply here).
+            data = bytearray(r.content_length)
+            view = memoryview(data)
+            got = 0
+            while got < len(data):
+                chunk = await r.content.readany()
+                if not chunk:
+                    raise RuntimeError("lean inference: reply cut short")
+                view[got : got + len(chunk)] = chunk
+                got += len(chunk)
+            header_length = int(r.headers["Inference-Header-Content-Length"])
+        offset = header_length
+        for o in json.loads(data[:header_length])["outputs"]:
+            size = int(o["parameters"]["binary_data_size"])
+            dtype = np.dtype(self.np_dtype(o["datatype"]))
+            np.frombuffer(data, dtype=dtype, count=size // dtype.itemsize, offset=offset).reshape(o["shape"])
+            offset += size
+        return time.perf_counter() - t
+
+
+Step = Callable[[], Awaitable[float]]
+
+
+async def interleave(steps: dict[str, Step], n: int, warmup: int) -> dict[str, list[float]]:
+    """Each step `warmup` times, then `n` times more, timed (ms). Each turn rotates the order, so drift on the
+    machine hits every side alike and no side always runs right after another."""
+    ms: dict[str, list[float]] = {name: [] for name in steps}
+    order = list(steps.items())
+    for i in range(warmup + n):
+        k = i % len(order)
+        for name, step in order[k:] + order[:k]:
+            seconds = await step()
+            if i >= warmup:
+                ms[name].append(seconds * 1000)
+    return ms
 
 
 async def timed_get(session: Any, url: str, *, must_pass: bool = True) -> float:

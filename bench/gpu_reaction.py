@@ -24,8 +24,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from demo.launcher import free_port, wait_for  # noqa: E402
+from demo.nvml_fakes import FakeGpu, FakeNvmlState, build_fake_nvml  # noqa: E402
 from probe.config import GpuConfig  # noqa: E402
-from tests.nvml_fakes import FakeGpu, FakeNvmlState, build_fake_nvml  # noqa: E402
 
 GiB = 1024**3
 ROUNDS = 3

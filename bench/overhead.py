@@ -1,87 +1,113 @@
-"""Where a fresh /ready's time goes beyond the raw inference: the probe against a bare sidecar.
+"""Where a fresh /ready's time goes beyond the raw inference: `probe serve` against a bare sidecar.
 
-Two kinds of server, COPIES processes of each, all measured in one interleaved run with a raw inference:
+Two kinds of server, COPIES processes of each, all measured in one interleaved run with a raw inference of the
+demo classifier:
 
-- `bare`: the probe's own HTTP front and `Health`, with a "run" that is nothing but the canary's inference
-  through `TritonClient` (no checks, no golden comparison, no metrics). This is the floor for any sidecar that
-  answers over HTTP with one inference per probe: the hop plus the inference.
-- `probe`: `probe serve`'s own stack (`build_sidecar` + `serve`), every check, `min_interval: 0`.
+- `bare`: the probe's own HTTP stack (aiohttp's low-level server through `probe.server.serve`, `Health`, the
+  `Runner`) with one check that is nothing but the canary's inference through `TritonClient.infer`: no `triton`
+  check, no golden comparison, no latency window, no liveness, metrics or logs. This is the floor for a sidecar
+  built this way that answers each probe with one inference: the hop, the runner and the client.
+- `probe`: `probe serve` itself, every check, `min_interval: 0`.
 
-The distance between the two is what the checks, the runner and the metrics cost per fresh probe. Several
-processes of each are measured because where the scheduler places a process among Triton's threads on a
-2-core machine moves its ratio by a few hundredths against another process running the same code.
+The distance between the two is what the checks and their bookkeeping cost per fresh probe. Several processes of
+each are measured because where the scheduler places a process among Triton's threads on a 2-core machine moves
+its ratio by a few hundredths against another process running the same code.
 
 Run alone: python bench/overhead.py
+(`python bench/overhead.py --bare CONFIG PORT` is one bare server, as this benchmark starts it.)
 """
 
 from __future__ import annotations
 
 import asyncio
-import multiprocessing as mp
+import contextlib
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from common import FRESH, RawInference, Stack, free_port, median, percentile, run_standalone, table, timed_get
+from common import (
+    FRESH,
+    RawInference,
+    Stack,
+    Summary,
+    free_port,
+    interleave,
+    median,
+    percentile,
+    run_standalone,
+    table,
+    timed_get,
+    wait_for,
+)
 
 COPIES = 3
 N = 200
 WARMUP = 20
 
 
-def _serve(kind: str, config: str, port: int, started: Any) -> None:
-    """A server process: `bare` or `probe`, on 127.0.0.1:port, until terminated."""
+async def _serve_bare(config: str, port: int) -> None:
+    """A bare sidecar on 127.0.0.1:port until killed: see the module docstring."""
+    from probe.checks.base import CheckResult, Kind, failed, passed
+    from probe.config import load_config
+    from probe.golden import load_golden
+    from probe.liveness import Liveness
+    from probe.runner import Runner
+    from probe.server import Health, serve
+    from probe.tensors import build_inputs
+    from probe.triton import TritonClient
 
-    async def main() -> None:
-        from probe.checks.base import passed
-        from probe.config import load_config
-        from probe.front import serve
-        from probe.runner import Run
-        from probe.server import Health, make_app
-        from probe.sidecar import build_sidecar
+    cfg = load_config(config)
+    canary = cfg.canaries[0]
+    inputs = build_inputs(canary)
+    outputs = tuple(load_golden(cfg.golden_path(canary.name)).records[0].outputs)
+    client = TritonClient(cfg.triton.url)
+    await client.open()
 
-        cfg = load_config(config)
-        sidecar = build_sidecar(cfg)
-        await sidecar.start(background=False)
-        health = sidecar.health
-        if kind == "bare":
-            from probe.golden import load_golden
-            from probe.tensors import build_inputs
+    class InferenceOnly:
+        """One inference, passed when Triton answered: no comparison, nothing recorded."""
 
-            canary = cfg.canaries[0]
-            inputs = build_inputs(canary)
-            outputs = tuple(load_golden(cfg.golden_path(canary.name)).records[0].outputs)
-            client = sidecar.client
+        names = ("canary",)
+        timeout = None
 
-            class InferenceOnly:
-                """Just enough of a Runner for Health: each run is one inference."""
+        async def run(self) -> Sequence[CheckResult]:
+            await client.infer(canary, inputs, outputs, max_reply=cfg.triton.max_reply)
+            return [passed("canary", Kind.CANARY)]
 
-                def __init__(self) -> None:
-                    self.inflight: asyncio.Future[Run] | None = None
+        def timed_out(self, after: float) -> Sequence[CheckResult]:
+            return [failed("canary", Kind.CANARY, f"timed out after {after:.3f}s")]
 
-                def add_done_hook(self, fn: Any) -> None:
-                    pass
+    runner = Runner([InferenceOnly()], timeout=cfg.probe.timeout, min_interval=0)
+    health = Health(runner, Liveness(after=60, startup=600), timeout=cfg.probe.timeout)
+    await serve(health, "127.0.0.1", port)
+    await asyncio.Event().wait()
 
-                def cached(self) -> None:
-                    return None
 
-                def instant_passing(self) -> bool:
-                    return True
+@contextlib.contextmanager
+def bare_sidecar(config: Path) -> Iterator[str]:
+    """A bare sidecar as its own process (a fresh interpreter, like `probe serve`): its base URL; killed by pid."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, __file__, "--bare", str(config), str(port)])
+    base = f"http://127.0.0.1:{port}"
 
-                def run_future(self) -> asyncio.Future[Run]:
-                    if self.inflight is None or self.inflight.done():
-                        self.inflight = asyncio.ensure_future(self.run())
-                    return self.inflight
+    def up() -> bool:
+        if proc.poll() is not None:
+            raise RuntimeError("the bare sidecar exited")
+        try:
+            with urllib.request.urlopen(base + "/ready", timeout=2) as r:
+                return bool(r.status == 200)
+        except OSError:
+            return False
 
-                async def run(self) -> Run:
-                    await client.infer(canary, inputs, outputs)
-                    return Run(started=0.0, wall=0.0, duration=0.0, results={"canary": passed("canary")})
-
-            health = Health(InferenceOnly(), sidecar.liveness, timeout=cfg.probe.timeout)  # type: ignore[arg-type]
-        await serve(make_app(health), health, "127.0.0.1", port)
-        started.set()
-        await asyncio.Event().wait()
-
-    asyncio.run(main())
+    try:
+        wait_for(up, 60, "the bare sidecar to answer /ready", every=0.05)
+        yield base
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
 
 
 @dataclass
@@ -109,19 +135,19 @@ class Overhead:
         pooled = self.pooled()
         raw = median(self.ms["raw"])
         lines = [
-            f"== a fresh /ready: the probe vs a bare sidecar (front + one inference), {COPIES} processes each ==",
+            f"== a fresh /ready: probe serve vs a bare sidecar (server + runner + one inference), {COPIES} each ==",
             table(rows, ["", "n", "p50 ms", "p50 vs raw", "p90 vs raw"]),
             "pooled p50 vs raw: " + ", ".join(f"{k} {v:.3f}x" for k, v in pooled.items()),
         ]
         if {"bare", "probe"} <= set(pooled):
             added = pooled["probe"] - pooled["bare"]
             lines.append(
-                f"what the checks, runner and metrics add per fresh probe: {added * raw:.3f} ms"
+                f"what the checks and their bookkeeping add per fresh probe: {added * raw:.3f} ms"
                 f" ({added:.3f} of a raw inference)"
             )
         return "\n".join(lines)
 
-    def summary(self) -> list[tuple[str, str, str, bool | None]]:
+    def summary(self) -> Summary:
         p = self.pooled()
         return [
             (
@@ -136,43 +162,26 @@ class Overhead:
 async def _measure(bases: dict[str, str], triton_url: str, config: str) -> Overhead:
     import aiohttp
 
-    ms: dict[str, list[float]] = {name: [] for name in [*bases, "raw"]}
     async with aiohttp.ClientSession() as session, RawInference(config, triton_url) as raw:
-        steps: list[tuple[str, Any]] = [
-            (n, lambda b=base: timed_get(session, b + "/ready")) for n, base in bases.items()
-        ]
-        steps.append(("raw", raw))
-        for i in range(WARMUP + N):  # rotate the order, so no side always runs right after another
-            k = i % len(steps)
-            for name, step in steps[k:] + steps[:k]:
-                seconds = await step()
-                if i >= WARMUP:
-                    ms[name].append(seconds * 1000)
-    return Overhead(ms)
+        steps: dict[str, Any] = {n: (lambda b=base: timed_get(session, b + "/ready")) for n, base in bases.items()}
+        steps["raw"] = raw
+        return Overhead(await interleave(steps, N, WARMUP))
 
 
 def measure(stack: Stack) -> Overhead:
-    config = str(stack.config("overhead", FRESH))
-    ctx = mp.get_context("fork")  # the parent has not imported probe: each child imports it afresh
+    config = stack.config("overhead", FRESH)
     bases: dict[str, str] = {}
-    procs = []
-    try:
+    with contextlib.ExitStack() as started:
         for i in range(COPIES):
-            for kind in ("bare", "probe"):
-                port = free_port()
-                started = ctx.Event()
-                proc = ctx.Process(target=_serve, args=(kind, config, port, started), daemon=True)
-                proc.start()
-                procs.append(proc)
-                if not started.wait(60):
-                    raise RuntimeError(f"{kind} server did not start")
-                bases[f"{kind}#{i}"] = f"http://127.0.0.1:{port}"
-        return asyncio.run(_measure(bases, stack.triton_url, config))
-    finally:
-        for proc in procs:
-            proc.terminate()
-            proc.join(10)
+            bases[f"bare#{i}"] = started.enter_context(bare_sidecar(config))
+            proc = stack.serve(f"overhead{i}", FRESH)
+            started.callback(stack.stop, proc)
+            bases[f"probe#{i}"] = proc.base
+        return asyncio.run(_measure(bases, stack.triton_url, str(config)))
 
 
 if __name__ == "__main__":
-    run_standalone(measure)
+    if sys.argv[1:2] == ["--bare"]:
+        asyncio.run(_serve_bare(sys.argv[2], int(sys.argv[3])))
+    else:
+        run_standalone(measure)

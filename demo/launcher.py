@@ -31,6 +31,8 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 MODELS = ("demo_classifier", "demo_classifier_fp64", "typed", "demo_llm")
+# Loaded only when asked for (the benchmarks): the classifier with a fixed 20 ms service time, and a 16 MiB output.
+BENCH_MODELS = ("demo_classifier_20ms", "demo_large_output")
 
 
 def free_port() -> int:

@@ -193,6 +193,35 @@ def llm(faults: LlmFaults) -> Callable[[list[Any]], Iterator[list[dict[str, np.n
     return infer
 
 
+# A GPU-sized service time for the benchmarks: the demo classifier answers in 2-4 ms on a CPU.
+PACED_SERVICE_S = 0.020
+# FP32 elements of demo_large_output's one output: 16 MiB.
+LARGE_OUTPUT_ELEMENTS = 4 * 1024 * 1024
+
+
+def paced(fn: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]], seconds: float) -> Callable[..., Any]:
+    """`fn` with a fixed service time: it answers `seconds` after the request reached the model, however long
+    `fn` itself took (a model the size of a GPU's, for measuring what a canary adds to a real inference)."""
+
+    def run(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        deadline = time.perf_counter() + seconds
+        out = fn(inputs)
+        time.sleep(max(0.0, deadline - time.perf_counter()))
+        return out
+
+    return run
+
+
+def large_output(elements: int) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
+    """X FP32 [1] -> Y FP32 [elements]: the same ramp every time (a logits-sized reply, cheap to compute)."""
+    ramp = np.arange(elements, dtype=np.float32)
+
+    def run(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {"Y": ramp}
+
+    return run
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--http-port", type=int, default=8000)
@@ -248,6 +277,19 @@ def main() -> int:
                 Tensor(name="U_OUT", dtype=np.uint64, shape=(-1,)),
                 Tensor(name="I_OUT", dtype=np.int8, shape=(-1, -1)),
             ],
+        ),
+        "demo_classifier_20ms": (
+            paced(classifier(weights, np.float32), PACED_SERVICE_S),
+            [Tensor(name="IMAGE", dtype=np.float32, shape=(-1, 3, 8, 8))],
+            [
+                Tensor(name="PROBS", dtype=np.float32, shape=(-1, -1)),
+                Tensor(name="LABEL", dtype=np.int64, shape=(-1,)),
+            ],
+        ),
+        "demo_large_output": (
+            large_output(LARGE_OUTPUT_ELEMENTS),
+            [Tensor(name="X", dtype=np.float32, shape=(-1,))],
+            [Tensor(name="Y", dtype=np.float32, shape=(-1,))],
         ),
     }
 

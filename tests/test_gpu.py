@@ -1,6 +1,6 @@
 """GPU headroom: the NVML sampler, the Triton-metrics sampler and the `gpu` check.
 
-The NVML tests run pynvml's real code path against a fake libnvidia-ml.so.1 (tests/fake_nvml/fake_nvml.c)
+The NVML tests run pynvml's real code path against a fake libnvidia-ml.so.1 (demo/fake_nvml/fake_nvml.c)
 compiled once per session and loaded in-process through `library_path`; each test rewrites the fake's state
 file to create its scenario. The Triton-metrics tests talk to a real aiohttp server on 127.0.0.1.
 Every test is named after the bug it guards; waits poll a condition with a deadline.
@@ -19,14 +19,7 @@ from typing import Any, TypeVar
 import pytest
 from aiohttp import web
 
-from probe.checks.base import CheckResult
-from probe.checks.gpu import GpuCheck
-from probe.config import GpuConfig, MinFree
-from probe.gpu import GpuMemory, GpuSample, NvmlSampler, nvml_environment
-from probe.triton import TritonClient
-from probe.triton_metrics import NO_GPU_METRICS, MetricsPage, TritonMetricsSampler
-from tests import helpers
-from tests.nvml_fakes import (
+from demo.nvml_fakes import (
     H100,
     H100_TOTAL,
     FakeGpu,
@@ -36,6 +29,13 @@ from tests.nvml_fakes import (
     GiB,
     build_fake_nvml,
 )
+from probe.checks.base import CheckResult
+from probe.checks.gpu import GpuCheck
+from probe.config import GpuConfig, MinFree
+from probe.gpu import GpuMemory, GpuSample, NvmlSampler, nvml_environment
+from probe.triton import TritonClient
+from probe.triton_metrics import NO_GPU_METRICS, MetricsPage, TritonMetricsSampler
+from tests import helpers
 
 T = TypeVar("T")
 SAMPLER_THREAD = "probe-nvml-sampler"

@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
+from demo.nvml_fakes import FakeNvmlState, build_fake_nvml
 from tests.conftest import MODELS, TritonServer, start_triton
 from tests.helpers import DEMO_CANARY, ServeProcess, free_port, run_cli, write_config
-from tests.nvml_fakes import FakeNvmlState, build_fake_nvml
 from tests.reliability.harness import (
     LIVENESS,
     PROBE,

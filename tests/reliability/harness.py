@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from demo.nvml_fakes import FakeNvmlState
 from tests.conftest import TritonServer, start_triton, stop_triton
 from tests.helpers import ServeProcess, wait_for
-from tests.nvml_fakes import FakeNvmlState
 
 # Short deadlines keep the matrix fast; min_interval 0 makes every probe a fresh run, so a fault shows at once.
 TIMEOUT = 0.5

@@ -28,9 +28,9 @@ from typing import Any
 
 import pytest
 
+from demo.nvml_fakes import H100_TOTAL, FakeGpu
 from tests.conftest import TritonServer
 from tests.helpers import DEMO_CANARY, REPO, run_cli, write_config
-from tests.nvml_fakes import H100_TOTAL, FakeGpu
 from tests.reliability.harness import (
     PROBE,
     SLACK,

@@ -1,4 +1,4 @@
-"""Build the fake `libnvidia-ml.so.1` (tests/fake_nvml/fake_nvml.c) and drive it through its state file.
+"""Build the fake `libnvidia-ml.so.1` (demo/fake_nvml/fake_nvml.c) and drive it through its state file.
 
 The fake re-reads the file named by $FAKE_NVML_STATE on every NVML call, so a test changes the "hardware"
 (free memory, a lost GPU, a missing driver, a hung call) by rewriting that file; writes are atomic so a call
