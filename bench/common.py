@@ -208,8 +208,8 @@ class Stack:
 
 @contextlib.contextmanager
 def stack() -> Iterator[Stack]:
-    """Start Triton (the demo classifier, demo_llm for the streaming benchmark, and the benchmark models), record every canary's golden; tear
-    everything down on exit."""
+    """Start Triton (the demo classifier, demo_llm for the streaming benchmark, and the benchmark models), record
+    every canary's golden; tear everything down on exit."""
     tmp = Path(tempfile.mkdtemp(prefix="probe-bench-"))
     t0 = time.perf_counter()
     triton = start_triton(tmp, models=(MODEL, LLM_MODEL, *BENCH_MODELS))
