@@ -85,6 +85,7 @@ class Runner:
         self._backoff: dict[int, _Backoff] = {}
         self._listeners: list[Callable[[Run], None]] = []
         self._loop_task: asyncio.Task[None] | None = None
+        self._current: tuple[tuple[Run, tuple[CheckResult, ...]], dict[str, CheckResult]] | None = None
         self._sequence = 0
 
     def add_listener(self, fn: Callable[[Run], None]) -> None:
@@ -180,13 +181,26 @@ class Runner:
         return await asyncio.shield(self._inflight)
 
     def current(self, run: Run) -> dict[str, CheckResult]:
-        """A run's results plus the instant checks read now, in check order."""
+        """A run's results plus the instant checks read now, in check order. The same mapping is handed out while
+        neither the run nor an instant result changed (cached answers, and the verdicts judged from them, are
+        then reused as they are)."""
         if not self.instant:
             return run.results
+        instant = tuple(c.now() for c in self.instant)
+        key = (run, instant)
+        cached = self._current
+        if (
+            cached is not None
+            and cached[0][0] is run
+            and all(a is b for a, b in zip(cached[0][1], instant, strict=True))
+        ):
+            return cached[1]
         merged = dict(run.results)
-        for c in self.instant:
-            merged[c.name] = c.now()
-        return {n: merged[n] for n in self.names if n in merged}
+        for r in instant:
+            merged[r.name] = r
+        out = {n: merged[n] for n in self.names if n in merged}
+        self._current = (key, out)
+        return out
 
     def unfinished(self, reason: str) -> dict[str, CheckResult]:
         """Every result failed with `reason` (not restart-worthy), for an answer that cannot wait for its run."""

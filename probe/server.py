@@ -66,6 +66,7 @@ _PLAIN = {
     (LIVE, False): "live check failed",
 }
 _FALSE = ("0", "false", "no", "off")
+_HEADERS = {"Server": SERVER, "X-Content-Type-Options": "nosniff"}
 
 
 def _iso(ts: float) -> str:
@@ -96,6 +97,7 @@ class Health:
         self.runner = runner
         self.liveness = liveness
         self.timeout = timeout
+        self._ready: tuple[Mapping[str, CheckResult], Verdict] | None = None
 
     async def results(self) -> Mapping[str, CheckResult]:
         run = self.runner.cached()
@@ -108,7 +110,13 @@ class Health:
         return self.runner.current(run)
 
     async def ready(self) -> Verdict:
-        return readiness(await self.results())
+        results = await self.results()
+        last = self._ready
+        if last is not None and last[0] is results:  # the same results: the same verdict (cached probes)
+            return last[1]
+        verdict = readiness(results)
+        self._ready = (results, verdict)
+        return verdict
 
     async def live(self) -> Verdict:
         return self.liveness.verdict(await self.results())
@@ -118,10 +126,7 @@ class Health:
 
 
 def _text(status: int, text: str, *, content_type: str = "text/plain") -> web.Response:
-    resp = web.Response(status=status, text=text, content_type=content_type)
-    resp.headers["Server"] = SERVER
-    resp.headers["X-Content-Type-Options"] = "nosniff"
-    return resp
+    return web.Response(status=status, text=text, content_type=content_type, headers=_HEADERS)
 
 
 def _wants_json(request: web.BaseRequest) -> bool:
@@ -162,6 +167,8 @@ def _times(r: CheckResult) -> str:
 
 
 def _aggregate(kind: str, verdict: Verdict, request: web.BaseRequest, reveal: bool) -> web.Response:
+    if not request.query_string and not _wants_json(request):  # the kubelet's probe: the verdict, nothing else
+        return _text(200 if verdict.ok else 503, _PLAIN[kind, verdict.ok])
     excluded = request.query.getall("exclude", [])
     shown = {n: r for n, r in verdict.checks.items() if n not in excluded}
     ok = verdict.ok if not excluded else all(r.ok for r in shown.values())

@@ -26,12 +26,13 @@ class ShutdownCheck:
 
     def __init__(self, lifecycle: Lifecycle) -> None:
         self._lifecycle = lifecycle
+        self._running = passed(self.name, Kind.SHUTDOWN)  # one result while nothing changes: read on every probe
 
     def now(self) -> CheckResult:
         if self._lifecycle.shutting_down:
             reason = f"shutting down ({self._lifecycle.signal_name or 'signal'} received): draining"
             return failed(self.name, Kind.SHUTDOWN, reason)
-        return passed(self.name, Kind.SHUTDOWN)
+        return self._running
 
 
 class PingCheck:
@@ -39,5 +40,8 @@ class PingCheck:
 
     name = "ping"
 
+    def __init__(self) -> None:
+        self._ok = passed(self.name, Kind.PING)
+
     def now(self) -> CheckResult:
-        return passed(self.name, Kind.PING)
+        return self._ok
