@@ -50,6 +50,22 @@ class _Backoff:
     """The timed-out results themselves: what probes get while the backoff holds."""
 
 
+def _timed(r: CheckResult, wall: float, duration: float) -> CheckResult:
+    # The constructor, not dataclasses.replace: this runs for every result of every fresh run.
+    return CheckResult(
+        r.name,
+        r.kind,
+        r.status,
+        r.reason,
+        r.observed_value,
+        r.observed_unit,
+        r.restart_worthy,
+        wall,
+        duration,
+        r.details,
+    )
+
+
 def _all_failed(check: Check, reason: str) -> list[CheckResult]:
     """Every result of `check` failed with `reason` (not restart-worthy): its names and kinds as it declares them."""
     return [replace(r, status=FAIL, reason=reason, restart_worthy=False, details={}) for r in check.timed_out(0.0)]
@@ -124,7 +140,7 @@ class Runner:
             logging.getLogger("probe").exception("check %s raised", check.names[0])
             results = _all_failed(check, f"internal error: {type(e).__name__}: {e}")
         duration = self.clock() - now
-        return [replace(r, time=wall, duration=duration) for r in results]
+        return [_timed(r, wall, duration) for r in results]
 
     async def _explain(self, check: Check, after: float, deadline: float) -> Sequence[CheckResult]:
         """What `check`, cut off after `after` seconds, learns about why in the budget left before `deadline`."""

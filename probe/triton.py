@@ -26,6 +26,7 @@ from urllib.parse import quote
 
 import aiohttp
 import numpy as np
+from yarl import URL
 
 from probe import __version__
 from probe.config import CanaryConfig, TlsConfig
@@ -110,7 +111,8 @@ def one_line(e: BaseException | str) -> str:
 class _Request:
     inputs: dict[str, np.ndarray[Any, Any]]
     outputs: tuple[str, ...] | None
-    path: str
+    url: URL
+    """Parsed once: the canary posts to it on every run."""
     body: bytes
     headers: Mapping[str, str]
 
@@ -169,7 +171,9 @@ class TritonClient:
                 # output took 13x longer to its headers). Nothing is decompressed, so nothing unbounded either.
                 auto_decompress=False,
                 headers={"User-Agent": f"probe/{__version__}", "Accept-Encoding": "identity"},
-                timeout=aiohttp.ClientTimeout(total=BACKSTOP_S),
+                # Every call is bounded by its caller (the runner's deadline, the watchers' and the CLI's timeouts);
+                # connecting alone has a backstop here, and no per-request timer is armed twice.
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=BACKSTOP_S),
             )
 
     async def close(self) -> None:
@@ -254,7 +258,7 @@ class TritonClient:
     async def _exchange(
         self,
         method: str,
-        url: str,
+        url: str | URL,
         what: str,
         *,
         cap: int,
@@ -398,7 +402,8 @@ class TritonClient:
         if json_size is not None:
             headers["Inference-Header-Content-Length"] = str(json_size)
         data = body if isinstance(body, bytes) else body.encode()
-        request = _Request(inputs, outputs, _model_path(canary.model, canary.version) + "/infer", data, headers)
+        url = URL(self._base + _model_path(canary.model, canary.version) + "/infer", encoded=True)
+        request = _Request(inputs, outputs, url, data, headers)
         self._requests[canary.name] = request
         return request
 
@@ -418,7 +423,7 @@ class TritonClient:
         start = time.perf_counter()
         try:
             status, headers, body = await self._exchange(
-                "POST", self._base + req.path, what, cap=max_reply, body=req.body, headers=req.headers
+                "POST", req.url, what, cap=max_reply, body=req.body, headers=req.headers
             )
             latency = time.perf_counter() - start
             if status != 200:
