@@ -18,9 +18,9 @@ from typing import Any
 
 import pytest
 
+from demo.nvml_fakes import FakeGpu, FakeNvmlState, build_fake_nvml
 from tests.conftest import TritonServer
 from tests.helpers import DEMO_CANARY, REPO, run_cli, write_config
-from tests.nvml_fakes import FakeGpu, FakeNvmlState, build_fake_nvml
 
 pytestmark = pytest.mark.triton
 

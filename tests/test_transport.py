@@ -32,8 +32,10 @@ from probe.checks.canary import CanaryCheck, GoldenStore, reply_cap
 from probe.config import CanaryConfig, ConfigError, TlsConfig, parse_config
 from probe.environment import EnvironmentProbe
 from probe.golden import Golden, LatencyBaseline, OutputGolden, Record, write_golden
+from probe.saturation import Saturation
 from probe.tensors import build_inputs, digest, input_digest
 from probe.triton import JSON_CAP, METRICS_CAP, ReplyTooLarge, TritonClient, TritonRequestError, TritonUnreachable
+from probe.triton_metrics import MetricsPage
 from tests.helpers import DEMO_CANARY
 
 MiB = 1024 * 1024
@@ -718,6 +720,9 @@ async def test_a_512_mib_binary_output_is_refused_by_the_golden_cap(
             EnvironmentProbe(client, None),
             probe_timeout=PROBE_TIMEOUT,
             max_reply=64 * MiB,
+            saturation=Saturation(client, MetricsPage(client, f"http://{client.url}/metrics"), drain_limit=60).canary(
+                "demo", "demo_classifier"
+            ),
         )
         with cost() as c:
             async with asyncio.timeout(PROBE_TIMEOUT):
