@@ -44,19 +44,11 @@ def reply_cap(golden: Golden, fallback: int) -> int:
     return 2 * expected + JSON_CAP
 
 
-class CanaryCheck:
-    """Runs the canary; judges its model's readiness, its output against the golden file, and its latency.
-
-    `canary/` fails when: the golden file is missing, corrupt or recorded for other inputs; the inputs do not fit
-    the model; the model is not ready; Triton refuses or errors on the inference (restart-worthy); the reply is
-    malformed or too large (restart-worthy); the output differs from every golden record (names, datatype, shape,
-    digest or tolerance); the inference did not finish by the deadline (restart-worthy, unless Triton shows the model
-    saturated: then never restart-worthy, and passing or failing per probe.saturated). `model/` fails while the
-    model is loading, unloaded or failed to load, never restart-worthy.
-
-    Without a `timeout` of its own, the canary's deadline keeps back from probe.timeout the time to read Triton's
-    statistics after a miss (`saturation.default_deadline`).
-    """
+class Canary:
+    """What both kinds of canary share: three results from one run (`model/`, `canary/`, `latency/`), the deadline
+    (its own `timeout`, else the probe budget less the time kept to read Triton's statistics after a miss:
+    `saturation.default_deadline`), and a miss judged saturated or hung in the budget left. A kind supplies `_run`
+    (the model verdict it saw, or None; and the canary verdict), `_latency`, and `_missed` (the timed-out reason)."""
 
     def __init__(
         self,
@@ -82,6 +74,61 @@ class CanaryCheck:
         self.latency_name = f"latency/{canary.name}"
         self.names = (self.model_name, self.canary_name, self.latency_name)
         self.timeout = canary.timeout if canary.timeout is not None else default_deadline(probe_timeout)
+
+    async def _run(self) -> tuple[CheckResult | None, CheckResult]:
+        raise NotImplementedError
+
+    def _latency(self) -> CheckResult:
+        raise NotImplementedError
+
+    def _missed(self, after: float) -> str:
+        return f"timed out after {after:.2f}s"
+
+    async def run(self) -> tuple[CheckResult, CheckResult, CheckResult]:
+        seen, canary = await self._run()
+        return await self.model.settle(seen), canary, self._latency()
+
+    def timed_out(self, after: float) -> tuple[CheckResult, CheckResult, CheckResult]:
+        model, canary, latency = self._cut_off(after)
+        return model, self.saturation.unjudged(canary), latency
+
+    async def explain_timeout(self, after: float) -> tuple[CheckResult, CheckResult, CheckResult]:
+        model, canary, latency = self._cut_off(after)
+        return model, await self.saturation.judge_miss(canary, after), latency
+
+    def _cut_off(self, after: float) -> tuple[CheckResult, CheckResult, CheckResult]:
+        canary = failed(self.canary_name, Kind.CANARY, self._missed(after), restart_worthy=True)
+        return self.model.carried(), canary, self._latency()
+
+
+class CanaryCheck(Canary):
+    """Runs the canary; judges its model's readiness, its output against the golden file, and its latency.
+
+    `canary/` fails when: the golden file is missing, corrupt or recorded for other inputs; the inputs do not fit
+    the model; the model is not ready; Triton refuses or errors on the inference (restart-worthy); the reply is
+    malformed or too large (restart-worthy); the output differs from every golden record (names, datatype, shape,
+    digest or tolerance); the inference did not finish by the deadline (restart-worthy, unless Triton shows the model
+    saturated: then never restart-worthy, and passing or failing per probe.saturated). `model/` fails while the
+    model is loading, unloaded or failed to load, never restart-worthy.
+
+    Without a `timeout` of its own, the canary's deadline keeps back from probe.timeout the time to read Triton's
+    statistics after a miss (`saturation.default_deadline`).
+    """
+
+    def __init__(
+        self,
+        client: TritonClient,
+        canary: CanaryConfig,
+        golden: GoldenStore,
+        environment: EnvironmentProbe,
+        *,
+        probe_timeout: float,
+        max_reply: int,
+        saturation: CanarySaturation,
+    ) -> None:
+        super().__init__(
+            client, canary, golden, environment, probe_timeout=probe_timeout, max_reply=max_reply, saturation=saturation
+        )
         self._inputs: dict[str, np.ndarray[Any, Any]] | None = None
         self._input_digest = ""
         self._input_error: str | None = None
@@ -104,22 +151,6 @@ class CanaryCheck:
 
     def _latency(self) -> CheckResult:
         return judge_latency(self.latency_name, self.canary.latency, self.tracker, self._golden_baseline())
-
-    async def run(self) -> tuple[CheckResult, CheckResult, CheckResult]:
-        seen, canary = await self._run()
-        return await self.model.settle(seen), canary, self._latency()
-
-    def timed_out(self, after: float) -> tuple[CheckResult, CheckResult, CheckResult]:
-        model, canary, latency = self._cut_off(after)
-        return model, self.saturation.unjudged(canary), latency
-
-    async def explain_timeout(self, after: float) -> tuple[CheckResult, CheckResult, CheckResult]:
-        model, canary, latency = self._cut_off(after)
-        return model, await self.saturation.judge_miss(canary, after), latency
-
-    def _cut_off(self, after: float) -> tuple[CheckResult, CheckResult, CheckResult]:
-        canary = failed(self.canary_name, Kind.CANARY, f"timed out after {after:.2f}s", restart_worthy=True)
-        return self.model.carried(), canary, self._latency()
 
     async def _run(self) -> tuple[CheckResult | None, CheckResult]:
         """(model verdict, or None when the run did not tell; canary verdict)."""

@@ -14,17 +14,17 @@ from dataclasses import replace
 from typing import Any
 
 from probe.checks.base import CheckResult, Kind, failed, passed
+from probe.checks.canary import Canary
 from probe.checks.latency import LatencyTracker, judge_latency
-from probe.checks.model import ModelVerdict
 from probe.config import CanaryConfig
 from probe.environment import EnvironmentProbe
 from probe.generate import GenerateAnswer, Progress, encode_request, generate, generate_stream
 from probe.golden import Golden, GoldenError, GoldenStore, check_golden_for, compare_answers, explain_mismatch
-from probe.saturation import CanarySaturation, default_deadline
+from probe.saturation import CanarySaturation
 from probe.triton import TritonClient
 
 
-class GenerateCanaryCheck:
+class GenerateCanaryCheck(Canary):
     """Runs a generate / generate_stream canary and judges its model, its answer and its latency.
 
     `canary/` fails when: the golden file is missing, corrupt or recorded for another request or protocol; the
@@ -47,44 +47,20 @@ class GenerateCanaryCheck:
         saturation: CanarySaturation,
     ) -> None:
         assert canary.request is not None, "a generate canary has a request (config guarantees it)"
-        self._client = client
-        self.saturation = saturation
-        self.canary = canary
-        self.golden = golden
-        self._environment = environment
-        self._max_reply = max_reply
+        super().__init__(
+            client, canary, golden, environment, probe_timeout=probe_timeout, max_reply=max_reply, saturation=saturation
+        )
         self._stream = canary.protocol == "generate_stream"
         self._body = encode_request(canary.request)
         from probe.answers import request_digest
 
         self._request_digest = request_digest(canary.request)
-        self.tracker = LatencyTracker(canary.latency.window)
         self.first_tracker = LatencyTracker(canary.latency.window)
         self.progress = Progress()
-        self.model = ModelVerdict(client, canary)
-        self.model_name = self.model.name
-        self.canary_name = f"canary/{canary.name}"
-        self.latency_name = f"latency/{canary.name}"
-        self.names = (self.model_name, self.canary_name, self.latency_name)
-        self.timeout = canary.timeout if canary.timeout is not None else default_deadline(probe_timeout)
 
-    async def run(self) -> tuple[CheckResult, CheckResult, CheckResult]:
-        seen, canary = await self._run()
-        return await self.model.settle(seen), canary, self._latency()
-
-    def timed_out(self, after: float) -> tuple[CheckResult, CheckResult, CheckResult]:
-        model, canary, latency = self._cut_off(after)
-        return model, self.saturation.unjudged(canary), latency
-
-    async def explain_timeout(self, after: float) -> tuple[CheckResult, CheckResult, CheckResult]:
-        model, canary, latency = self._cut_off(after)
-        return model, await self.saturation.judge_miss(canary, after), latency
-
-    def _cut_off(self, after: float) -> tuple[CheckResult, CheckResult, CheckResult]:
+    def _missed(self, after: float) -> str:
         self._client.failures += 1  # readiness is no longer vouched for
-        reason = f"timed out after {after:.2f}s: {self.progress.describe()}"
-        canary = failed(self.canary_name, Kind.CANARY, reason, restart_worthy=True)
-        return self.model.carried(), canary, self._latency()
+        return f"timed out after {after:.2f}s: {self.progress.describe()}"
 
     async def _run(self) -> tuple[CheckResult | None, CheckResult]:
         c = self.canary
