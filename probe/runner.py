@@ -50,6 +50,14 @@ class _Backoff:
     """The timed-out results themselves: what probes get while the backoff holds."""
 
 
+def _tell(listeners: list[Callable[[Run], None]], run: Run) -> None:
+    for fn in listeners:
+        try:
+            fn(run)
+        except Exception:  # metrics or logging must never take the sidecar down
+            logging.getLogger("probe").exception("listener failed")
+
+
 def _timed(r: CheckResult, wall: float, duration: float) -> CheckResult:
     # The constructor, not dataclasses.replace: this runs for every result of every fresh run.
     return CheckResult(
@@ -100,13 +108,16 @@ class Runner:
         self._inflight: asyncio.Future[Run] | None = None
         self._backoff: dict[int, _Backoff] = {}
         self._listeners: list[Callable[[Run], None]] = []
+        self._later: list[Callable[[Run], None]] = []
         self._loop_task: asyncio.Task[None] | None = None
         self._current: tuple[tuple[Run, tuple[CheckResult, ...]], dict[str, CheckResult]] | None = None
         self._sequence = 0
 
-    def add_listener(self, fn: Callable[[Run], None]) -> None:
-        """Call `fn(run)` after every full run (liveness, metrics, logs); an exception there is logged, not raised."""
-        self._listeners.append(fn)
+    def add_listener(self, fn: Callable[[Run], None], *, after_answer: bool = False) -> None:
+        """Call `fn(run)` after every full run; an exception there is logged, not raised. With `after_answer`, on the
+        event loop's next turn: the probes waiting on the run are answered first (metrics and logs can wait a turn;
+        liveness cannot, since the answers judge by it)."""
+        (self._later if after_answer else self._listeners).append(fn)
 
     # ------------------------------------------------------------------------------------------ running
 
@@ -173,11 +184,9 @@ class Runner:
         run = Run(started=started, wall=wall, duration=self.clock() - started, results=results, sequence=self._sequence)
         if wanted is None:
             self._last = run
-            for fn in self._listeners:
-                try:
-                    fn(run)
-                except Exception:  # metrics or logging must never take the sidecar down
-                    logging.getLogger("probe").exception("listener failed")
+            _tell(self._listeners, run)
+            if self._later:
+                asyncio.get_running_loop().call_soon(_tell, self._later, run)
         return run
 
     def cached(self) -> Run | None:

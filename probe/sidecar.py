@@ -124,12 +124,15 @@ def gpu_sampler(
 
 
 def observe_runs(runner: Runner, liveness: Liveness, metrics: Metrics, logger: logging.Logger | None) -> None:
-    """After every run: liveness takes it in, then both verdicts are judged once for the metrics and the logs."""
+    """After every run: liveness takes it in at once; then, once the waiting probes are answered, both verdicts are
+    judged once for the metrics and the logs."""
     ready_log = StateLogger(logger, "ready") if logger is not None else None
     live_log = StateLogger(logger, "live") if logger is not None else None
 
-    def after_run(run: Run) -> None:
+    def observe(run: Run) -> None:
         liveness.observe(run.results, run.started)
+
+    def after_run(run: Run) -> None:
         current = runner.current(run)
         ready, live = readiness(current), liveness.verdict(current)
         metrics.observe_run(run, ready=ready.ok, live=live.ok)
@@ -137,7 +140,8 @@ def observe_runs(runner: Runner, liveness: Liveness, metrics: Metrics, logger: l
             ready_log.observe(ready)
             live_log.observe(live)
 
-    runner.add_listener(after_run)
+    runner.add_listener(observe)
+    runner.add_listener(after_run, after_answer=True)
 
 
 def build_sidecar(
