@@ -259,6 +259,9 @@ async def _check(cfg: Config, *, only: str | None, as_json: bool) -> int:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(cfg.probe.timeout):
                     await sidecar.saturation.baseline()
+        for c in cfg.canaries:  # who this node is, ready for a mismatch's reason (the run itself never waits on it)
+            if selected is None or f"canary/{c.name}" in selected:
+                await sidecar.environment.warm(c.model, c.version)
         run = await sidecar.runner.run_once(names=selected)
     finally:
         await sidecar.stop()

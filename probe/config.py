@@ -253,9 +253,6 @@ class CanaryConfig:
     request: Mapping[str, Any] | None = None
     """generate / generate_stream: the JSON body, sent as is (plain dicts and lists; `inputs` is then empty)."""
 
-    def deadline(self, probe_timeout: float) -> float:
-        return self.timeout if self.timeout is not None else probe_timeout
-
 
 @dataclass(frozen=True)
 class Config:

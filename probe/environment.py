@@ -7,6 +7,7 @@ and at most one such thread is ever outstanding); its absence is recorded as dat
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections.abc import Callable
@@ -32,6 +33,7 @@ class EnvironmentProbe:
         self._nvml: dict[str, Any] | None = None
         self._nvml_thread: threading.Thread | None = None
         self._triton_part: dict[tuple[str, str], tuple[float, dict[str, Any]]] = {}
+        self._refreshing: dict[tuple[str, str], asyncio.Future[None]] = {}
 
     async def nvml(self) -> dict[str, Any]:
         if self._nvml is not None:
@@ -52,6 +54,7 @@ class EnvironmentProbe:
                 value = {"gpus": [], "driver": None, "cuda_driver": None, "nvml": f"unavailable: {e}"}
 
             def deliver() -> None:
+                self._nvml = value  # kept even when the caller stopped waiting: the next one needs no new thread
                 if not fut.done():
                     fut.set_result(value)
 
@@ -98,8 +101,37 @@ class EnvironmentProbe:
         env["triton"] = str(meta.get("version", ""))
         return env
 
-    async def fingerprint_or_none(self, model: str, version: str = "") -> dict[str, Any] | None:
-        try:
-            return await self.fingerprint(model, version)
-        except (TritonUnreachable, TritonRequestError):
+    def known(self, model: str, version: str = "") -> dict[str, Any] | None:
+        """The fingerprint as last read, without waiting (None before the first read); a missing or stale one is
+        refreshed in the background. For the probe path: a mismatch must not spend its canary's deadline (and turn
+        into a restart-worthy timeout) asking Triton and NVML who this node is."""
+        key = (model, version)
+        cached = self._triton_part.get(key)
+        if cached is None or time.monotonic() - cached[0] >= TRITON_TTL_S:
+            task = self._refreshing.get(key)
+            if task is None or task.done():
+                self._refreshing[key] = asyncio.ensure_future(self._refresh(model, version))
+        if cached is None or self._nvml is None:
             return None
+        return {**self._nvml, **cached[1]}
+
+    async def warm(self, model: str, version: str = "") -> None:
+        """Read the fingerprint now, so that `known` has it (a one-shot `probe check` before its run)."""
+        await self._refresh(model, version)
+
+    async def _refresh(self, model: str, version: str) -> None:
+        try:
+            async with asyncio.timeout(TRITON_TTL_S):
+                await self.fingerprint(model, version)
+        except (TritonUnreachable, TritonRequestError, TimeoutError):
+            pass  # asked again at the next mismatch
+
+    async def close(self) -> None:
+        """Cancel background refreshes (the sidecar's stop)."""
+        tasks = [t for t in self._refreshing.values() if not t.done()]
+        self._refreshing.clear()
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t

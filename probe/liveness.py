@@ -64,7 +64,7 @@ class Liveness:
             if since is not None and self.armed and now - since >= self.after:
                 reason = f"failing for {now - since:.0f}s (liveness.after {self.after:g}s): {r.reason}"
                 out[name] = replace(r, status=FAIL, reason=reason)
-            elif r.kind is Kind.SERVER and startup_expired:
+            elif r.kind is Kind.SERVER and startup_expired and r.restart_worthy:  # not "live but not ready": loading
                 out[name] = replace(
                     r, status=FAIL, reason=f"Triton not healthy within {self.startup:g}s of start: {r.reason}"
                 )

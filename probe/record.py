@@ -31,6 +31,7 @@ from probe.golden import (
     load_golden,
     write_golden,
 )
+from probe.saturation import canary_deadline
 from probe.tensors import build_inputs, digest, input_digest
 from probe.triton import InferOutcome, TritonClient, input_mismatches
 
@@ -133,7 +134,7 @@ async def record_canary(
                 )
     latencies = sorted(o.latency_s for o in outcomes)
     median_s = float(np.median(latencies))
-    deadline = canary.deadline(cfg.probe.timeout)
+    deadline = canary_deadline(canary, cfg.probe.timeout)
     if median_s > deadline:
         raise RecordRefused(
             f"canary {canary.name} takes {median_s * 1000:.0f}ms, more than its deadline {deadline:g}s; "
@@ -246,7 +247,7 @@ async def _record_generate(
     if not agreement.accepted:
         raise RecordRefused(f"canary {canary.name}: {agreement.reason}")
     median_s = float(np.median([a.total_s for a in answers]))
-    deadline = canary.deadline(cfg.probe.timeout)
+    deadline = canary_deadline(canary, cfg.probe.timeout)
     if median_s > deadline:
         raise RecordRefused(
             f"canary {canary.name} takes {median_s * 1000:.0f}ms, more than its deadline {deadline:g}s; "

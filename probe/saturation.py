@@ -50,6 +50,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from probe.checks.base import CheckResult
+from probe.config import CanaryConfig
 from probe.logs import log
 from probe.queue import pending_requests
 from probe.runner import ANSWER_MARGIN
@@ -76,6 +77,11 @@ def default_deadline(probe_timeout: float) -> float:
     """A canary's deadline when it sets none: the probe budget less the time kept to read the evidence."""
     reserve = min(EVIDENCE_RESERVE_S, probe_timeout / 5)
     return max(probe_timeout - ANSWER_MARGIN - reserve, 0.01)
+
+
+def canary_deadline(canary: CanaryConfig, probe_timeout: float) -> float:
+    """The deadline a canary runs under: its own `timeout`, else `default_deadline` (serve, check and record alike)."""
+    return canary.timeout if canary.timeout is not None else default_deadline(probe_timeout)
 
 
 def cannot_tell(why: str) -> str:
@@ -348,6 +354,9 @@ class Saturation:
             queued = state.abandoned_since(after.at - window - min(pending * window / completed, self.drain_limit))
         else:
             queued = len(state.abandoned)
+        # Subtracted from the completed too, this miss's own canary included: Triton may count a decoupled model's
+        # request as a success once it has started answering (a stalled stream was seen counted so), and a miss
+        # wrongly judged hung costs a restart after liveness.after, one wrongly judged saturated hides a hang.
         done = queued + state.answered_since(before.at)
         return Evidence(state.model, window, max(completed - done, 0), max(pending - queued, 0), own=done)
 

@@ -245,6 +245,8 @@ def make_handler(
             resp.headers["X-Content-Type-Options"] = "nosniff"  # like every other answer
             return resp
         kind, _, name = path[1:].partition("/")
+        if name and name not in health.runner.names:  # answered without running anything
+            return _text(404, "no such check\n")
         verdict = await (health.ready() if kind == READY else health.live())
         reveal = everyone or _loopback(request)
         if name:

@@ -74,6 +74,7 @@ class Sidecar:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
         await self.runner.stop()
+        await self.environment.close()
         if self.gpu is not None:
             await self.gpu.stop_sampling()
         await self.client.close()

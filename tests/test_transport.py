@@ -730,7 +730,8 @@ async def test_a_512_mib_binary_output_is_refused_by_the_golden_cap(
     cap = 2 * (10 * 4 + 8) + JSON_CAP
     over = f"({len(header) + size} bytes > limit {cap})" if framing == "Content-Length" else f"(over limit {cap} bytes)"
     assert result.reason == f"canary demo inference: reply too large {over}"
-    assert not result.ok and result.restart_worthy
+    # Triton answered, far more than the golden holds: a changed model, which a restart would not cure.
+    assert not result.ok and not result.restart_worthy
     await closed_by_client(peer)
     print(f"512 MiB binary output ({framing}): {c.seconds * 1000:.1f} ms, +{c.peak_mib:.1f} MiB")
     assert c.seconds < PROBE_TIMEOUT / 2 and c.peak_mib < RSS_BUDGET_MIB
