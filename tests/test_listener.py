@@ -27,7 +27,7 @@ from aiohttp import web
 from probe import __version__
 from probe.checks.base import CheckResult, Kind, failed, passed
 from probe.server import ACCEPT_BURST, FD_RESERVE, Health, Serving, quiet_accept_errors, serve
-from tests.helpers import REPO, free_port, wired, write_config
+from tests.helpers import REPO, async_wait_for, free_port, wired, write_config
 
 SERVER = f"probe/{__version__}"
 MARKER = "Zq7marker"
@@ -534,18 +534,21 @@ async def test_slowloris_at_the_fd_limit_leaves_kubelet_probes_answered_and_the_
     attacker: subprocess.Popen[str] | None = None
     probes: list[Probe] = []
     try:
-        deadline = time.monotonic() + 30
-        while (await _kubelet(port, "/live/ping")).status != 200:
+
+        async def serving() -> bool:
             assert serve_proc.poll() is None, log_path.read_text()[-2000:]
-            assert time.monotonic() < deadline, "probe serve did not start"
-            await asyncio.sleep(0.05)
+            return (await _kubelet(port, "/live/ping")).status == 200
+
+        await async_wait_for(serving, 30, "probe serve to start", every=0.05)
         assert (await _kubelet(port, "/ready")).status == 200
 
         attacker = _start_attack(port)
-        deadline = time.monotonic() + 30
-        while LIMIT_LINE not in log_path.read_text():  # the attack has filled the connection cap
-            assert attacker.poll() is None and time.monotonic() < deadline, "the attack did not reach the cap"
-            await asyncio.sleep(0.05)
+
+        async def capped() -> bool:  # the attack has filled the connection cap
+            assert attacker is not None and attacker.poll() is None, "the attacker exited"
+            return LIMIT_LINE in log_path.read_text()
+
+        await async_wait_for(capped, 30, "the attack to reach the cap", every=0.05)
         next_at = time.monotonic()
         while attacker.poll() is None:
             probes += await asyncio.gather(_kubelet(port, "/ready"), _kubelet(port, "/live/ping"))

@@ -24,6 +24,7 @@ import pytest
 
 from tests.conftest import TritonServer, start_triton, stop_triton
 from tests.helpers import DEMO_CANARY, ServeProcess, free_port, run_cli, write_config
+from tests.helpers import async_wait_for as wait_until
 
 pytestmark = pytest.mark.triton
 
@@ -182,17 +183,6 @@ async def sample(
             break
         await asyncio.sleep(0.1)
     return s
-
-
-async def wait_until(predicate: Callable[[], Any], within: float, what: str) -> Any:
-    deadline = time.monotonic() + within
-    while True:
-        value = await predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {within}s waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 async def canary_passes(session: aiohttp.ClientSession, base: str) -> bool:

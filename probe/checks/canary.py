@@ -78,6 +78,10 @@ class Canary:
         self.latency_name = f"latency/{canary.name}"
         self.names = (self.model_name, self.canary_name, self.latency_name)
         self.timeout = canary_deadline(canary, probe_timeout)
+        self._prepare()
+
+    def _prepare(self) -> None:
+        """A kind's own state, set up once the shared part is."""
 
     async def _run(self) -> tuple[CheckResult | None, CheckResult]:
         raise NotImplementedError
@@ -110,29 +114,16 @@ class CanaryCheck(Canary):
 
     `canary/` fails when: the golden file is missing, corrupt or recorded for other inputs; the inputs do not fit
     the model; the model is not ready; Triton refuses or errors on the inference (restart-worthy); the reply is
-    malformed or too large (restart-worthy); the output differs from every golden record (names, datatype, shape,
-    digest or tolerance); the inference did not finish by the deadline (restart-worthy, unless Triton shows the model
-    saturated: then never restart-worthy, and passing or failing per probe.saturated). `model/` fails while the
-    model is loading, unloaded or failed to load, never restart-worthy.
+    malformed (restart-worthy) or too large (not: the model answered); the output differs from every golden record
+    (names, datatype, shape, digest or tolerance); the inference did not finish by the deadline (restart-worthy,
+    unless Triton shows the model saturated: then never restart-worthy, and passing or failing per
+    probe.saturated). `model/` fails while the model is loading, unloaded or failed to load, never restart-worthy.
 
     Without a `timeout` of its own, the canary's deadline keeps back from probe.timeout the time to read Triton's
     statistics after a miss (`saturation.default_deadline`).
     """
 
-    def __init__(
-        self,
-        client: TritonClient,
-        canary: CanaryConfig,
-        golden: GoldenStore,
-        environment: EnvironmentProbe,
-        *,
-        probe_timeout: float,
-        max_reply: int,
-        saturation: CanarySaturation,
-    ) -> None:
-        super().__init__(
-            client, canary, golden, environment, probe_timeout=probe_timeout, max_reply=max_reply, saturation=saturation
-        )
+    def _prepare(self) -> None:
         self._inputs: dict[str, np.ndarray[Any, Any]] | None = None
         self._input_digest = ""
         self._input_error: str | None = None

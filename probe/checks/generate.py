@@ -17,12 +17,8 @@ from typing import Any
 from probe.checks.base import CheckResult, Kind, failed, passed
 from probe.checks.canary import Canary
 from probe.checks.latency import LatencyTracker, judge_latency
-from probe.config import CanaryConfig
-from probe.environment import EnvironmentProbe
 from probe.generate import GenerateAnswer, Progress, encode_request, generate, generate_stream
-from probe.golden import Golden, GoldenError, GoldenStore, check_golden_for, compare_answers, explain_mismatch
-from probe.saturation import CanarySaturation
-from probe.triton import TritonClient
+from probe.golden import Golden, GoldenError, check_golden_for, compare_answers, explain_mismatch
 
 OFF_LOOP_CHARS = 4096
 """Answers with a longer string field are compared in text mode on a worker thread (about 3 ms at 4 KB)."""
@@ -39,21 +35,9 @@ class GenerateCanaryCheck(Canary):
     to the first event drifts past `drift` x its recorded baseline.
     """
 
-    def __init__(
-        self,
-        client: TritonClient,
-        canary: CanaryConfig,
-        golden: GoldenStore,
-        environment: EnvironmentProbe,
-        *,
-        probe_timeout: float,
-        max_reply: int,
-        saturation: CanarySaturation,
-    ) -> None:
+    def _prepare(self) -> None:
+        canary = self.canary
         assert canary.request is not None, "a generate canary has a request (config guarantees it)"
-        super().__init__(
-            client, canary, golden, environment, probe_timeout=probe_timeout, max_reply=max_reply, saturation=saturation
-        )
         self._stream = canary.protocol == "generate_stream"
         self._body = encode_request(canary.request)
         from probe.answers import request_digest
